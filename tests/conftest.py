@@ -1,0 +1,7 @@
+"""Shared fixtures. Servers (Ray cluster, S3 endpoint) are started once per test session and bind
+127.0.0.1 only; see tests/fixtures/."""
+
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
