@@ -191,6 +191,17 @@ class ZFNet(nn.Module):
             width = out
         head["fc8"] = nn.Linear(width, config.num_classes)
         self.classifier = nn.Sequential(head)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The paper's N(0, 0.01^2) init is reported unstable by reimplementations, and PyTorch's
+        # default shrinks the signal ~2x per layer (the small configs then never leave chance).
+        # He init keeps activations O(1) through all layers; biases start at 0 as in the paper.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier.fc8.weight, std=0.01)
 
     @property
     def layer_names(self) -> list[str]:
