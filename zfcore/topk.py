@@ -49,7 +49,9 @@ class TopKTracker:
     ``layers`` maps layer name -> (channels, height, width) of its activation map (1, 1 for fc).
     """
 
-    def __init__(self, layers: dict[str, tuple[int, int, int]], k: int = 9, device: str | torch.device = "cpu"):
+    def __init__(
+        self, layers: dict[str, tuple[int, int, int]], k: int = 9, device: str | torch.device = "cpu"
+    ) -> None:
         if not 1 <= k <= 100:
             raise ValueError("k must be in 1..100")
         self.k = k
