@@ -1,0 +1,272 @@
+"""The artifact store, run against both backends: a local folder and a moto S3 server over HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from datetime import datetime, timedelta, timezone
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+from PIL import Image
+
+from jobs.store import (
+    MANIFEST,
+    BucketNotFoundError,
+    LocalStore,
+    MissingKeyError,
+    Store,
+    fingerprint_bytes,
+    read_uri_bytes,
+)
+
+SCHEMA = pa.schema(
+    [
+        pa.field("layer", pa.string(), nullable=False),
+        pa.field("channel", pa.int32(), nullable=False),
+        pa.field("activation", pa.float32()),
+    ]
+)
+SMALL_THRESHOLD = 5 * 1024 * 1024  # the smallest multipart part size S3 allows
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def store_uri(request: pytest.FixtureRequest, tmp_path) -> tuple[str, str | None]:
+    if request.param == "local":
+        return str(tmp_path / "store"), None
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/artifacts", endpoint
+
+
+@pytest.fixture
+def store(store_uri) -> Store:
+    uri, endpoint = store_uri
+    return Store.from_uri(uri, endpoint, **({"multipart_threshold": SMALL_THRESHOLD} if endpoint else {}))
+
+
+def test_round_trip(store: Store) -> None:
+    store.put_bytes("a/b/c.bin", b"hello")
+    store.put_bytes("a/d.bin", b"")
+    assert store.get_bytes("a/b/c.bin") == b"hello"
+    assert store.get_bytes("a/d.bin") == b""
+    assert store.exists("a/b/c.bin") and not store.exists("a/b/missing")
+    assert store.list_keys() == ["a/b/c.bin", "a/d.bin"]
+    assert store.list_keys("a/b/") == ["a/b/c.bin"]
+    assert store.list_keys("a/d") == ["a/d.bin"]
+    assert [(o.key, o.size) for o in store.list_objects("a/")] == [("a/b/c.bin", 5), ("a/d.bin", 0)]
+    assert store.list_dirs("") == ["a"] and store.list_dirs("a/") == ["b"]
+    with pytest.raises(MissingKeyError):
+        store.get_bytes("nope")
+    store.delete_prefix("a/b/")
+    assert store.list_keys() == ["a/d.bin"]
+    # A store survives pickling (Ray ships it to workers) and reconnects on its own.
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.get_bytes("a/d.bin") == b""
+    uri = store.uri_of("a/d.bin")
+    assert uri.endswith("artifacts/a/d.bin") or uri.endswith("store/a/d.bin")
+
+
+def test_files_and_uri_reads(store: Store, store_uri, tmp_path) -> None:
+    src = tmp_path / "ckpt.bin"
+    src.write_bytes(b"weights" * 100)
+    store.put_file("ckpt/model.bin", src)
+    dst = tmp_path / "back.bin"
+    store.get_file("ckpt/model.bin", dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert read_uri_bytes(store.uri_of("ckpt/model.bin"), store_uri[1]) == src.read_bytes()
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "a\\b", "a//b", "./a", "", "a/"])
+def test_traversal_keys_rejected(store: Store, key: str) -> None:
+    with pytest.raises(ValueError):
+        store.put_bytes(key, b"x")
+    with pytest.raises(ValueError):
+        store.get_bytes(key)
+
+
+def test_run_ids_cannot_escape(store: Store) -> None:
+    with pytest.raises(ValueError):
+        store.begin_run("atlas", "../train")
+    with pytest.raises(ValueError):
+        store.begin_run("atlas/x", "r")
+    run = store.begin_run("atlas", "r1")
+    for bad in ["../r2/x", "/abs", MANIFEST]:
+        with pytest.raises(ValueError):
+            run.put_bytes(bad, b"x")
+
+
+def test_only_committed_runs_are_listed(store: Store) -> None:
+    done = store.begin_run("atlas", "done")
+    done.put_bytes("a.txt", b"a")
+    manifest = done.commit({"name": "done", "images_seen": np.int64(7)})
+    assert manifest["status"] == "committed" and manifest["images_seen"] == 7
+    assert manifest["files"] == [{"key": "a.txt", "bytes": 1}]
+    assert "package" in manifest["code_version"]
+
+    pending = store.begin_run("atlas", "pending")
+    pending.put_bytes("a.txt", b"a")  # never committed
+    other = store.begin_run("train", "t1")
+    other.commit({"name": "t"})
+
+    assert [(r["kind"], r["run_id"], r["name"]) for r in store.list_runs()] == [
+        ("atlas", "done", "done"),
+        ("train", "t1", "t"),
+    ]
+    assert [r["run_id"] for r in store.list_runs("atlas")] == ["done"]
+    assert store.list_runs("occlusion") == []
+    future = datetime.now(timezone.utc) + timedelta(hours=1)
+    assert store.list_runs(since=future) == []
+    assert len(store.list_runs(since=datetime.now(timezone.utc) - timedelta(hours=1))) == 2
+    assert store.read_manifest("atlas", "done") == manifest
+    with pytest.raises(MissingKeyError):
+        store.read_manifest("atlas", "pending")
+
+
+def _write_run(store: Store, run_id: str, n_files: int, fail_after: int | None = None) -> dict | None:
+    with store.begin_run("atlas", run_id) as run:
+        if run.already_committed:
+            return None
+        for i in range(n_files):
+            if fail_after is not None and i == fail_after:
+                raise RuntimeError("worker killed")
+            run.put_bytes(f"shard-{i:03d}.bin", bytes([i]) * 10)
+        return run.commit({"name": "job", "files_written": n_files})
+
+
+def test_killed_writer_is_invisible_and_rerun_commits_once(store: Store) -> None:
+    with pytest.raises(RuntimeError, match="killed"):
+        _write_run(store, "r1", 10, fail_after=5)
+    assert store.list_runs() == []
+    assert len(store.list_keys("atlas/r1/")) == 5  # the half-written leftovers
+    assert not store.exists(f"atlas/r1/{MANIFEST}")
+
+    manifest = _write_run(store, "r1", 10)
+    assert manifest is not None
+    keys = store.list_keys("atlas/r1/")
+    assert keys == sorted([f"atlas/r1/shard-{i:03d}.bin" for i in range(10)] + [f"atlas/r1/{MANIFEST}"])
+    assert len(manifest["files"]) == 10
+    assert [r["run_id"] for r in store.list_runs()] == ["r1"]
+
+    # A re-run of a committed run no-ops: nothing rewritten, same manifest.
+    assert _write_run(store, "r1", 10) is None
+    again = store.begin_run("atlas", "r1")
+    assert again.already_committed and again.manifest == manifest
+    with pytest.raises(RuntimeError):
+        again.put_bytes("x", b"x")
+    assert store.list_keys("atlas/r1/") == keys
+    assert store.read_manifest("atlas", "r1")["committed_at"] == manifest["committed_at"]
+
+
+def test_uncommitted_leftover_with_different_files_is_replaced(store: Store) -> None:
+    run = store.begin_run("atlas", "r")
+    run.put_bytes("old-only.bin", b"x")
+    run.put_bytes("sub/shared.bin", b"old")
+    run = store.begin_run("atlas", "r")
+    run.put_bytes("sub/shared.bin", b"new")
+    run.commit({"name": "r"})
+    assert store.list_keys("atlas/r/") == ["atlas/r/manifest.json", "atlas/r/sub/shared.bin"]
+    assert store.get_bytes("atlas/r/sub/shared.bin") == b"new"
+    # Siblings sharing a name prefix are untouched.
+    store.begin_run("atlas", "r2").commit({})
+    store.begin_run("atlas", "r")
+    assert store.exists("atlas/r2/manifest.json")
+
+
+def test_png_and_parquet_readable_everywhere(store: Store, tmp_path) -> None:
+    run = store.begin_run("atlas", "tables")
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    run.put_png("img/rgb.png", rgb)
+    run.put_png("img/grey.png", rgb[..., 0])
+    with pytest.raises(ValueError):
+        run.put_png("img/bad.png", rgb.astype(np.float32))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(store.get_bytes(run.key("img/rgb.png"))))), rgb)
+
+    # Columns out of order and wider types are conformed to the declared schema.
+    table = pa.table(
+        {"activation": [0.5, 1.5, None], "channel": pa.array([1, 2, 3], pa.int64()), "layer": ["a", "b", "c"]}
+    )
+    run.write_table("top.parquet", table, SCHEMA, row_group_size=2)
+    with pytest.raises(ValueError, match="missing columns"):
+        run.write_table("bad.parquet", table.drop(["layer"]), SCHEMA)
+    with pytest.raises(ValueError, match="not nullable"):
+        run.write_table("bad.parquet", table.set_column(2, "layer", pa.array(["a", None, "c"])), SCHEMA)
+    run.commit({"name": "tables"})
+
+    fs, base = store.arrow_filesystem()
+    dataset = ds.dataset(f"{base}/{run.key('top.parquet')}", filesystem=fs, format="parquet")
+    assert dataset.schema == SCHEMA
+    filtered = dataset.to_table(filter=ds.field("channel") >= 2, columns=["layer"])
+    assert filtered.column("layer").to_pylist() == ["b", "c"]
+
+    import pandas as pd
+
+    frame = pd.read_parquet(io.BytesIO(store.get_bytes(run.key("top.parquet"))))
+    assert list(frame.columns) == ["layer", "channel", "activation"] and len(frame) == 3
+    if isinstance(store, LocalStore):
+        import duckdb
+
+        path = store.uri_of(run.key("top.parquet"))
+        rows = duckdb.connect().execute(f"select layer, channel from '{path}' where channel >= 2").fetchall()
+        assert rows == [("b", 2), ("c", 3)]
+        assert pd.read_parquet(path)["channel"].dtype == np.int32
+
+
+def test_manifest_is_plain_json(store: Store) -> None:
+    run = store.begin_run("probe", "p")
+    run.commit({"name": "p", "when": datetime(2024, 1, 1), "counts": np.array([1, 2])})
+    manifest = json.loads(store.get_bytes(f"probe/p/{MANIFEST}"))
+    assert manifest["when"] == "2024-01-01T00:00:00Z" and manifest["counts"] == [1, 2]
+    assert manifest["committed_at"].endswith("Z")
+
+
+def test_fingerprint() -> None:
+    assert fingerprint_bytes(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+@pytest.mark.s3
+def test_multipart_upload(s3_endpoint: str, s3_bucket: str) -> None:
+    store = Store.from_uri(f"s3://{s3_bucket}/big", s3_endpoint, multipart_threshold=SMALL_THRESHOLD)
+    payload = np.random.default_rng(0).bytes(SMALL_THRESHOLD + 1024 * 1024)
+    store.put_bytes("blob.bin", payload)
+    head = boto3.client("s3", endpoint_url=s3_endpoint).head_object(Bucket=s3_bucket, Key="big/blob.bin")
+    assert head["ETag"].strip('"').endswith("-2")  # two parts: 5 MiB + 1 MiB
+    assert store.get_bytes("blob.bin") == payload
+
+
+@pytest.mark.s3
+def test_missing_bucket_error_names_it(s3_endpoint: str) -> None:
+    store = Store.from_uri("s3://no-such-bucket-here/x", s3_endpoint, multipart_threshold=SMALL_THRESHOLD)
+    for call in (
+        store.check,
+        lambda: store.put_bytes("a", b"x"),
+        lambda: store.put_bytes("a", b"x" * SMALL_THRESHOLD),  # multipart path
+        lambda: store.list_keys(""),
+        lambda: store.begin_run("atlas", "r"),
+    ):
+        with pytest.raises(BucketNotFoundError, match="no-such-bucket-here"):
+            call()
+
+
+@pytest.mark.s3
+def test_endpoint_from_environment(s3_endpoint: str, s3_bucket: str, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    store = Store.from_uri(f"s3://{s3_bucket}")
+    store.put_bytes("k", b"v")
+    assert store.get_bytes("k") == b"v" and store.uri_of("k") == f"s3://{s3_bucket}/k"
+    fs, base = store.arrow_filesystem()
+    assert base == s3_bucket
+    assert fs.open_input_file(f"{base}/k").read() == b"v"
+
+
+def test_local_store_check(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(Exception, match="cannot use"):
+        LocalStore(blocker / "sub").check()
+    Store.from_uri(f"file://{tmp_path}/new").check()
+    assert (tmp_path / "new").is_dir()
