@@ -34,13 +34,14 @@ STD = (0.229, 0.224, 0.225)
 
 
 def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 images (B, H, W, 3) -> normalized float tensor (B, 3, H, W)."""
+    """uint8 images (B, H, W, 3) -> normalized float tensor (B, 3, H, W), on the input's device
+    (so a GPU worker copies uint8 and normalizes on the GPU)."""
     t = torch.as_tensor(images)
     if t.ndim == 3:
         t = t.unsqueeze(0)
     t = t.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(MEAN, dtype=t.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=t.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, dtype=t.dtype, device=t.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=t.dtype, device=t.device).view(1, 3, 1, 1)
     return (t - mean) / std
 
 
