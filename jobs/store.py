@@ -480,7 +480,14 @@ class RunWriter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc is not None and not self.already_committed:
-            log.warning("run %s/%s failed before commit (%s); not committed", self.kind, self.run_id, exc)
+            first_line = (str(exc).splitlines() or [""])[0]
+            log.warning(
+                "run %s/%s failed before commit (%s: %s); not committed",
+                self.kind,
+                self.run_id,
+                type(exc).__name__,
+                first_line,
+            )
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -14,6 +14,7 @@ import sys
 
 COMMAND_MODULES = [
     "zfatlas_cli.demo",
+    "zfatlas_cli.specs",
 ]
 
 # A local Ray started by the CLI binds loopback only (see README, "Network").
