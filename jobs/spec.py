@@ -516,7 +516,7 @@ def parse_spec(data: dict[str, Any]) -> JobSpec:
     kind = data.get("kind")
     if kind is None:
         raise SpecError([f"kind: required field is missing; one of {', '.join(KINDS)}"])
-    if kind not in SPEC_TYPES:
+    if not isinstance(kind, str) or kind not in SPEC_TYPES:
         close = difflib.get_close_matches(str(kind), KINDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise SpecError([f"kind: unknown kind {kind!r}{hint}; one of {', '.join(KINDS)}"])
@@ -581,8 +581,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_spec_dict(path_or_text: str | os.PathLike[str]) -> dict[str, Any]:
     """The raw mapping of a spec file (YAML or JSON), or of spec text; no validation."""
     source, text = _read(path_or_text)
+    if source.lower().endswith(".json") or text.lstrip().startswith("{"):
+        # JSON first: YAML rejects some valid JSON (tab indentation) and gives worse messages.
+        try:
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+        except json.JSONDecodeError as exc:
+            if source.lower().endswith(".json"):
+                raise SpecError(
+                    [f"{source}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"]
+                ) from None
+        except ValueError as exc:  # a duplicate key
+            raise SpecError([f"{source}: {exc}"]) from None
+        else:
+            if not isinstance(data, dict):
+                raise SpecError([f"{source}: expected a mapping of fields at the top level"])
+            return data
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -591,6 +606,15 @@ def load_spec_dict(path_or_text: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError([f"{source}: expected a mapping of fields at the top level"])
     return data
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
 
 
 def _read(path_or_text: str | os.PathLike[str]) -> tuple[str, str]:

@@ -122,6 +122,9 @@ def test_every_problem_is_reported(capsys: pytest.CaptureFixture[str], tmp_path:
         ("kind: atlas\nname: x\nk: 3\nk: 4\n", "duplicate key 'k'"),
         ("name: x\n", "kind: required"),
         ("kind: atlass\nname: x\n", "did you mean 'atlas'"),
+        ("kind: [atlas]\nname: x\n", "kind: unknown kind"),
+        ('{"kind": "atlas", "name": "x", "k": 1, "k": 2}', "duplicate key 'k'"),
+        ('{"kind": "atlas", "name": "x"', "not valid YAML"),
     ],
 )
 def test_unreadable_specs_exit_2(text: str, reason: str, tmp_path: Path, capsys) -> None:
@@ -129,6 +132,15 @@ def test_unreadable_specs_exit_2(text: str, reason: str, tmp_path: Path, capsys)
     path.write_text(text)
     code, _, err = _cli(capsys, "validate", str(path))
     assert code == 2 and reason in err
+
+
+def test_json_spec_with_tabs(tmp_path: Path) -> None:
+    path = tmp_path / "spec.json"
+    path.write_text('{\n\t"kind": "atlas",\n\t"name": "tabs",\n\t"k": 4\n}\n')
+    assert load_spec(path).k == 4
+    path.write_text('{"kind": "atlas",, }')
+    with pytest.raises(SpecError, match="not valid JSON"):
+        load_spec(path)
 
 
 def test_missing_file_exits_2(tmp_path: Path, capsys) -> None:
