@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -39,6 +40,16 @@ from jobs.store import (
 
 log = logging.getLogger(__name__)
 
+# botocore's DEBUG records include signed request headers (the access key id and signatures);
+# `zfatlas -v` turns on DEBUG for the root logger, so keep these libraries at INFO unless a user
+# configured them explicitly.
+for _name in ("botocore", "boto3", "s3transfer"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.INFO)
+
+# Clients are created lazily, possibly by several reader threads at once; one is enough.
+_CLIENT_LOCK = threading.Lock()
+
 MIB = 1 << 20
 # S3 rejects multipart parts under 5 MiB (except the last), so chunks never go below that.
 _MIN_PART = 5 * MIB
@@ -60,7 +71,7 @@ class S3Store(Store):
     ``multipart_threshold``: uploads at least this large go through boto3's transfer manager as
     parallel multipart uploads (parts of ``max(threshold, 5 MiB)``); smaller ones are one PUT.
     Requests retry with exponential backoff on 5xx, throttling and connection errors (botocore's
-    ``adaptive`` mode, ``max_attempts`` tries in all).
+    ``standard`` mode, ``max_attempts`` tries in all).
     """
 
     def __init__(
@@ -91,29 +102,32 @@ class S3Store(Store):
     @property
     def _client(self) -> Any:
         client = self.__dict__.get("_cached_client")
-        if client is None:
-            session = boto3.session.Session()
-            custom = (
-                self.endpoint_url
-                or os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL")
-            )
-            config = Config(
-                retries={"max_attempts": self.max_attempts, "mode": "adaptive"},
-                connect_timeout=10,
-                read_timeout=120,
-                max_pool_connections=max(10, self.max_concurrency * 2),
-                # Custom endpoints (MinIO, moto, Ceph, ...) generally only route path-style URLs.
-                s3={"addressing_style": "path"} if custom else None,
-            )
-            client = session.client(
-                "s3",
-                endpoint_url=self.endpoint_url,
-                region_name=session.region_name or "us-east-1",
-                config=config,
-            )
-            self.__dict__["_cached_client"] = client
-            log.debug("S3 client for %s via %s", self.uri_of(""), client.meta.endpoint_url)
+        if client is not None:
+            return client
+        with _CLIENT_LOCK:
+            return self.__dict__.get("_cached_client") or self._new_client()
+
+    def _new_client(self) -> Any:
+        session = boto3.session.Session()
+        custom = (
+            self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        config = Config(
+            retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=120,
+            max_pool_connections=max(10, self.max_concurrency * 2),
+            # Custom endpoints (MinIO, moto, Ceph, ...) generally only route path-style URLs.
+            s3={"addressing_style": "path"} if custom else None,
+        )
+        client = session.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=session.region_name or "us-east-1",
+            config=config,
+        )
+        self.__dict__["_cached_client"] = client
+        log.debug("S3 client for %s via %s", self.uri_of(""), client.meta.endpoint_url)
         return client
 
     @property

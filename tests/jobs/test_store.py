@@ -20,6 +20,7 @@ from jobs.store import (
     LocalStore,
     MissingKeyError,
     Store,
+    StoreError,
     fingerprint_bytes,
     read_uri_bytes,
 )
@@ -270,3 +271,75 @@ def test_local_store_check(tmp_path) -> None:
         LocalStore(blocker / "sub").check()
     Store.from_uri(f"file://{tmp_path}/new").check()
     assert (tmp_path / "new").is_dir()
+
+
+class _FlakyProxy:
+    """An HTTP proxy in front of the moto server that answers the first ``failures`` requests with
+    an S3 error (503 SlowDown: throttling; 500 InternalError: a server fault), then forwards
+    everything: a real server misbehaving."""
+
+    def __init__(self, target: str, failures: int) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.failures, self.seen, self.error = failures, 0, (503, "SlowDown")
+        host = urlsplit(target).netloc
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers boto3's "Expect: 100-continue" at once
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.seen += 1
+                if proxy.seen <= proxy.failures:
+                    status, code = proxy.error
+                    error = f"<Error><Code>{code}</Code><Message>try again</Message></Error>".encode()
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                conn = http.client.HTTPConnection(host, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.s3
+def test_s3_retries_throttling_then_gives_up_naming_the_key(s3_endpoint: str, s3_bucket: str) -> None:
+    proxy = _FlakyProxy(s3_endpoint, failures=1)
+    try:
+        store = Store.from_uri(f"s3://{s3_bucket}/p", proxy.url)
+        store.put_bytes("k", b"v")  # throttled (botocore backs off up to 1 s), then OK
+        assert proxy.seen == 2 and store.get_bytes("k") == b"v"
+        assert store._client.meta.config.retries == {"total_max_attempts": 5, "mode": "standard"}
+
+        proxy.failures, proxy.seen, proxy.error = 10, 0, (500, "InternalError")
+        impatient = Store.from_uri(f"s3://{s3_bucket}/p", proxy.url, max_attempts=2)
+        with pytest.raises(StoreError, match=f"s3://{s3_bucket}/p/k2"):
+            impatient.put_bytes("k2", b"v")
+        assert proxy.seen == 2
+    finally:
+        proxy.close()
