@@ -10,6 +10,10 @@ import argparse
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jobs.spec import SpecBase
 
 log = logging.getLogger("zfatlas.specs")
 
@@ -41,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load(args: argparse.Namespace):  # -> JobSpec; jobs.spec (and torch) load only when used
+def _load(args: argparse.Namespace) -> SpecBase | None:
+    # jobs.spec (and through zfcore, torch) is imported only when a command runs: `zfatlas --help`
+    # and the other command groups stay fast.
     from jobs.spec import SpecError, load_spec
 
     source = sys.stdin.read() if args.spec == "-" else args.spec
