@@ -28,7 +28,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from jobs.cluster import connect, run_on_actors, torch_threads, worker_options
+from jobs.cluster import ACTOR_LOST, connect, run_on_actors, torch_threads, worker_options
 from jobs.datasets import open_dataset, shard_ranges
 from jobs.models import load_model
 from jobs.spec import AtlasSpec
@@ -233,6 +233,20 @@ class AtlasWorker:
                 "seconds": time.perf_counter() - start}
 
 
+def _started(actors: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Wait for the workers to load; those that die while starting are dropped."""
+    infos, alive = [], []
+    for actor, ref in [(a, a.info.remote()) for a in actors]:
+        try:
+            infos.append(ray.get(ref))
+            alive.append(actor)
+        except ACTOR_LOST as err:
+            log.warning("a worker died while starting (%s); going on without it", type(err).__name__)
+    if not alive:
+        raise RuntimeError("no worker actor could start")
+    return infos, alive
+
+
 def _groups(results: dict[str, Any], layers: list[str], channels_per_group: int) -> list[dict[str, Any]]:
     """Winning items, a few whole channels per group so each group can draw its channels' grids."""
     groups = []
@@ -262,8 +276,14 @@ def run(spec: AtlasSpec, store: Store, run: RunWriter, *, quiet: bool = False) -
     res = spec.resources
     count, options = worker_options(res.workers, res.gpus_per_worker, res.cpus_per_worker)
     count = min(count, len(shards))
-    actors = [AtlasWorker.options(**options).remote(spec, run, options["num_cpus"]) for _ in range(count)]
-    workers = ray.get([a.info.remote() for a in actors])
+    # Named, so operators (and the fault tests) can find a run's workers: zfatlas-atlas-<run>-<i>.
+    actors = [
+        AtlasWorker.options(name=f"zfatlas-atlas-{run.run_id}-{i}", **options).remote(
+            spec, run, options["num_cpus"]
+        )
+        for i in range(count)
+    ]
+    workers, actors = _started(actors)
     log.info("atlas %s: %d images in %d shards on %d workers", run.run_id, len(source), len(shards), count)
 
     # Phase 1: scan.
@@ -285,6 +305,7 @@ def run(spec: AtlasSpec, store: Store, run: RunWriter, *, quiet: bool = False) -
 
     t_scan = time.perf_counter()
     alive = run_on_actors(actors, lambda a, s: a.scan.remote(s), shards, on_scan, spec.max_retries)
+    lost_workers = count - len(alive)
     scan_s = time.perf_counter() - t_scan
     bar.close()
     if merged is None or scanned == 0:
@@ -309,7 +330,8 @@ def run(spec: AtlasSpec, store: Store, run: RunWriter, *, quiet: bool = False) -
             lost += out["lost"]
             pbar.update(1)
 
-        run_on_actors(alive, lambda a, g: a.project.remote(g), groups, on_project, spec.max_retries)
+        alive = run_on_actors(alive, lambda a, g: a.project.remote(g), groups, on_project, spec.max_retries)
+        lost_workers = count - len(alive)
         pbar.close()
     project_s = time.perf_counter() - t_proj
     for a in actors:
@@ -343,6 +365,7 @@ def run(spec: AtlasSpec, store: Store, run: RunWriter, *, quiet: bool = False) -
         "features_rows": table.num_rows,
         "items_lost_on_reread": lost,
         "workers": [{**w, "shards": shards_by_actor.get(w["actor_id"], 0)} for w in workers],
+        "workers_lost": lost_workers,
         "timings": {"scan_s": scan_s, "project_s": project_s, "write_s": write_s, "total_s": total_s},
         "throughput_images_per_s": scanned / scan_s if scan_s > 0 else None,
         "tables": {"features": "features.parquet", "projections": "projections/"},

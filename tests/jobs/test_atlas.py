@@ -1,0 +1,193 @@
+"""The atlas job end to end on the session's two-node loopback Ray cluster (3 fake GPUs)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from jobs.atlas import FEATURES_SCHEMA, PROJECTIONS_SCHEMA
+from jobs.datasets import shard_ranges
+from jobs.runner import run_spec
+from jobs.spec import parse_spec
+from jobs.store import Store
+from zfcore.data import ProceduralDataset, to_tensor
+from zfcore.receptive import receptive_box
+from zfcore.scan import scan_batches
+
+pytestmark = pytest.mark.ray
+
+# The full test projects conv1, conv2 and conv5 (both nodes, all three GPUs); the others fewer.
+LAYERS = ["conv1", "conv2", "conv5"]
+FAST_LAYERS = ["conv1", "conv5"]
+IMAGES = 480
+SHARD = 40
+BATCH = 32
+
+
+def atlas_spec(checkpoint: str, output: str, run_id: str, layers: list[str] | None = None, **extra) -> object:
+    return parse_spec({
+        "kind": "atlas", "name": "test-atlas", "run_id": run_id, "seed": 0,
+        "model": {"variant": "zfnet-small", "checkpoint": checkpoint},
+        "dataset": {"format": "procedural", "num_images": IMAGES, "seed": 1},
+        "output": output,
+        "resources": {"workers": 8, "batch_size": BATCH},
+        "shard_size": SHARD,
+        **({"layers": layers} if layers else {}),
+        **extra,
+    })
+
+
+def reference_rows(model, layers: list[str]) -> dict[tuple[str, int, int], tuple[int, int, int, float]]:
+    """The atlas's top-9 from one process of plain zfcore, batched exactly as the job batches."""
+    data = ProceduralDataset(IMAGES, 64, seed=1)
+    batches = []
+    for shard in shard_ranges(IMAGES, SHARD):
+        for i in range(shard.start, shard.stop, BATCH):
+            idx = list(range(i, min(i + BATCH, shard.stop)))
+            images, _ = data.batch(idx)
+            batches.append((to_tensor(images), torch.tensor(idx)))
+    results = scan_batches(model, batches, layers, 9).results()
+    out = {}
+    for layer, top in results.items():
+        ys, xs = top.positions_yx()
+        for c in range(top.values.shape[0]):
+            for r in range(9):
+                out[(layer, c, r)] = (int(top.image_index[c, r]), int(ys[c, r]), int(xs[c, r]),
+                                      float(top.values[c, r]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster_atlas(ray_cluster, trained_small, tmp_path_factory):
+    model, _, checkpoint = trained_small
+    out = tmp_path_factory.mktemp("atlas-store")
+    manifest = run_spec(atlas_spec(checkpoint, str(out), "e2e", layers=LAYERS), quiet=True)
+    return manifest, Store.from_uri(str(out)), model
+
+
+def test_one_worker_per_gpu_each_on_its_own_gpu(cluster_atlas, ray_cluster):
+    manifest, _, _ = cluster_atlas
+    workers = manifest["workers"]
+    assert len(workers) == ray_cluster.gpus == 3
+    slots = {(w["node_id"], tuple(w["gpu_ids"])) for w in workers}
+    assert len(slots) == 3 and all(len(w["gpu_ids"]) == 1 for w in workers)
+    assert len({w["node_id"] for w in workers}) == 2  # both nodes took part
+    assert all(w["shards"] >= 1 for w in workers)
+    assert sum(w["shards"] for w in workers) == IMAGES // SHARD
+    assert manifest["images_scanned"] == IMAGES and manifest["images_skipped"] == 0
+
+
+def test_atlas_equals_single_process_reference(cluster_atlas):
+    manifest, store, model = cluster_atlas
+    table = pq.read_table(io.BytesIO(store.get_bytes("atlas/e2e/features.parquet")))
+    assert table.schema.equals(FEATURES_SCHEMA)
+    expected = reference_rows(model, manifest["layers"])
+    assert table.num_rows == len(expected) == 9 * (32 + 64 + 64)
+    for row in table.to_pylist():
+        index, y, x, value = expected[(row["layer"], row["channel"], row["rank"])]
+        assert (row["image_index"], row["y"], row["x"]) == (index, y, x)
+        assert row["image_id"] == f"proc-{index:08d}"
+        assert row["activation"] == pytest.approx(value, rel=1e-4, abs=1e-5)
+        box = receptive_box(model, row["layer"], y, x, 64)
+        assert (row["box_top"], row["box_left"], row["box_height"], row["box_width"]) == (
+            box.top, box.left, box.height, box.width)
+    labels = ProceduralDataset(IMAGES, 64, seed=1)
+    assert all(r["label"] == labels.label(r["image_index"]) for r in table.to_pylist()[:50])
+
+
+def test_images_and_raw_projections_are_written(cluster_atlas):
+    manifest, store, _ = cluster_atlas
+    rows = pq.read_table(io.BytesIO(store.get_bytes("atlas/e2e/features.parquet"))).to_pylist()
+    row = next(r for r in rows if r["layer"] == "conv2" and r["channel"] == 5 and r["rank"] == 0)
+    patch = np.asarray(Image.open(io.BytesIO(store.get_bytes(row["patch_key"]))))
+    assert patch.shape == (row["box_height"], row["box_width"], 3)
+    assert Image.open(io.BytesIO(store.get_bytes(row["projection_key"]))).size == (row["box_width"],
+                                                                                   row["box_height"])
+    assert Image.open(io.BytesIO(store.get_bytes(row["patch_grid_key"]))).size[0] > 3 * row["box_width"]
+    for layer in manifest["layers"]:
+        assert store.exists(f"atlas/e2e/summary/{layer}.png")
+    # Raw projections: one Parquet dataset, filterable by layer/channel without reading the rest.
+    fs, base = store.arrow_filesystem()
+    proj = ds.dataset(f"{base}/atlas/e2e/projections", filesystem=fs, format="parquet")
+    assert proj.schema.equals(PROJECTIONS_SCHEMA)
+    one = proj.to_table(filter=(ds.field("layer") == "conv2") & (ds.field("channel") == 5)).to_pylist()
+    assert sorted(r["rank"] for r in one) == list(range(9))
+    top = next(r for r in one if r["rank"] == 0)
+    arr = np.asarray(top["values"], np.float32).reshape(3, top["box_height"], top["box_width"])
+    assert np.abs(arr).max() > 0
+
+
+def test_fault_a_killed_worker_changes_nothing(cluster_atlas, trained_small, tmp_path):
+    manifest, store, _ = cluster_atlas
+    _, _, checkpoint = trained_small
+    spec = atlas_spec(checkpoint, str(tmp_path), "fault", layers=FAST_LAYERS, shard_size=SHARD // 4)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(manifest=run_spec(spec, quiet=True)))
+    thread.start()
+    victim = None
+    deadline = time.time() + 120
+    while victim is None and time.time() < deadline:
+        try:
+            victim = ray.get_actor("zfatlas-atlas-fault-1")
+        except ValueError:
+            time.sleep(0.2)
+    assert victim is not None, "the job's workers never appeared"
+    ray.get(victim.info.remote())  # loaded: from now on it is scanning shards
+    time.sleep(0.3)
+    ray.kill(victim, no_restart=True)
+    thread.join(timeout=600)
+    assert "manifest" in result, "the job did not finish after losing a worker"
+    assert result["manifest"]["workers_lost"] == 1
+    faulty_store = Store.from_uri(str(tmp_path))
+    faulty = pq.read_table(io.BytesIO(faulty_store.get_bytes("atlas/fault/features.parquet")))
+    clean = pq.read_table(io.BytesIO(store.get_bytes("atlas/e2e/features.parquet")))
+    keys = ["layer", "channel", "rank", "image_index", "y", "x", "label"]
+    clean = clean.filter(pc.is_in(clean.column("layer"), pa.array(FAST_LAYERS)))
+    assert faulty.num_rows == clean.num_rows == 9 * (32 + 64)
+    assert faulty.select(keys).to_pylist() == clean.select(keys).to_pylist()
+
+
+def test_results_land_in_s3_too(ray_cluster, trained_small, s3_bucket, s3_endpoint):
+    _, _, checkpoint = trained_small
+    bucket_uri, endpoint = f"s3://{s3_bucket}", s3_endpoint
+    spec = atlas_spec(checkpoint, f"{bucket_uri}/atlases", "s3run", layers=FAST_LAYERS,
+                      endpoint_url=endpoint)
+    manifest = run_spec(spec, quiet=True)
+    store = Store.from_uri(f"{bucket_uri}/atlases", endpoint)
+    assert [r["run_id"] for r in store.list_runs("atlas")] == ["s3run"]
+    table = pq.read_table(io.BytesIO(store.get_bytes("atlas/s3run/features.parquet")))
+    assert table.num_rows == 9 * (32 + 64) == manifest["features_rows"]
+    assert store.exists(table.column("projection_key")[0].as_py())
+
+
+def test_same_spec_twice_is_one_committed_run(cluster_atlas, trained_small):
+    manifest, store, _ = cluster_atlas
+    _, _, checkpoint = trained_small
+    again = run_spec(atlas_spec(checkpoint, store.uri_of(""), "e2e", layers=LAYERS), quiet=True)
+    assert again["committed_at"] == manifest["committed_at"]
+    assert [r["run_id"] for r in store.list_runs("atlas")] == ["e2e"]
+
+
+def test_fc_layer_atlas_of_a_randomly_initialized_model(ray_cluster, tmp_path):
+    spec = parse_spec({
+        "kind": "atlas", "name": "init", "model": {"variant": "zfnet-small"},
+        "dataset": {"format": "procedural", "num_images": 20, "seed": 3}, "output": str(tmp_path),
+        "layers": ["fc7"], "k": 3, "resources": {"workers": 1, "batch_size": 8},
+    })
+    manifest = run_spec(spec, quiet=True)
+    table = pq.read_table(tmp_path / "atlas" / manifest["run_id"] / "features.parquet")
+    assert table.num_rows == 3 * 256
+    assert set(table.column("y").to_pylist()) == {0}
+    # fc units see the whole image.
+    assert set(table.column("box_height").to_pylist()) == {64}
