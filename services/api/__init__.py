@@ -1,0 +1,1 @@
+"""The zfatlas HTTP API and web atlas viewer (FastAPI). Build it with :func:`create_app`."""
