@@ -16,6 +16,7 @@ the same probe on a randomly initialized network of the same architecture (:func
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,8 @@ CLASSIFIERS: tuple[str, ...] = ("softmax", "svm")
 
 @dataclass(frozen=True)
 class LinearProbe:
-    """A fitted linear classifier with its input standardization; tensors float32 on the CPU."""
+    """A fitted linear classifier with its input standardization; float32 tensors on the device
+    of the features it was fitted on."""
 
     weight: torch.Tensor  # (K, D)
     bias: torch.Tensor  # (K,)
@@ -61,22 +63,24 @@ def extract_features(
     images: torch.Tensor,
     layers: Sequence[str],
     *,
-    grid: int | None = None,
+    grid: int | dict[str, int | None] | None = None,
     batch_size: int = 128,
 ) -> dict[str, torch.Tensor]:
     """Frozen features of ``layers`` for images (N, 3, H, W): {layer: (N, D) float32 on the CPU}.
 
     ``grid``: conv maps are average-pooled to grid x grid cells before flattening (D = C grid^2), to
     keep low layers' vectors a manageable size on large inputs; None keeps the whole map
-    (D = C H' W'). fc layers are (N, F) either way.
+    (D = C H' W'); a dict gives it per layer. fc layers are (N, F) either way.
     """
+    grids = grid if isinstance(grid, dict) else {name: grid for name in layers}
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     with evaluating(model):
         for start in range(0, images.shape[0], batch_size):
             acts, _ = features_and_logits(model, images[start : start + batch_size], layers)
             for name, a in acts.items():
-                if grid is not None and a.ndim == 4:
-                    a = F.adaptive_avg_pool2d(a, grid)
+                cells = grids.get(name)
+                if cells is not None and a.ndim == 4:
+                    a = F.adaptive_avg_pool2d(a, cells)
                 parts[name].append(flat(a).float().cpu())
     return {name: torch.cat(p) for name, p in parts.items()}
 
@@ -94,8 +98,8 @@ def _fit(
     x = x.float()
     mean, scale = _standardize(x)
     z = (x - mean) / scale
-    weight = torch.zeros(num_classes, z.shape[1], requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+    weight = torch.zeros(num_classes, z.shape[1], device=z.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=z.device, requires_grad=True)
     opt = torch.optim.LBFGS(
         [weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
         tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe",
@@ -116,7 +120,7 @@ def fit_softmax(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, *, l2: float = 1e-2, max_iter: int = 200
 ) -> LinearProbe:
     """Multinomial logistic regression: mean cross-entropy + l2 / 2 ||W||^2. x (N, D), y (N,)."""
-    y = torch.as_tensor(y, dtype=torch.long)
+    y = torch.as_tensor(y, dtype=torch.long, device=x.device)
     return _fit(x, num_classes, lambda s: F.cross_entropy(s, y), l2, max_iter)
 
 
@@ -126,7 +130,7 @@ def fit_linear_svm(
     """One-vs-rest linear SVM, squared hinge: 1/2 ||W||^2 + C sum_i sum_k max(0, 1 - t_ik s_ik)^2,
     t_ik = +1 for the image's class and -1 otherwise (liblinear's L2-loss primal). It is minimized
     divided by C N, i.e. as a mean loss with l2 = 1 / (C N). x (N, D), y (N,)."""
-    y = torch.as_tensor(y, dtype=torch.long)
+    y = torch.as_tensor(y, dtype=torch.long, device=x.device)
     targets = F.one_hot(y, num_classes).float() * 2 - 1
 
     def squared_hinge(s: torch.Tensor) -> torch.Tensor:
@@ -193,7 +197,8 @@ def probe_layers(
 ) -> list[ProbeScore]:
     """Train and test every classifier on every layer's features ({layer: (N, D)}, labels (N,)) in
     ``folds`` random per-class splits. Every layer and classifier of fold f sees the same split,
-    drawn from ``seed + f``, so layers are compared on identical images."""
+    drawn from ``seed + f``, so layers are compared on identical images. Fitting runs on the
+    features' device (a GPU when they are there)."""
     unknown = set(classifiers) - set(CLASSIFIERS)
     if unknown:
         raise ValueError(f"unknown classifiers {sorted(unknown)}; known: {CLASSIFIERS}")
@@ -202,12 +207,14 @@ def probe_layers(
     for fold in range(folds):
         train, test = per_class_split(labels, n_train, torch.Generator().manual_seed(seed + fold), n_test)
         for layer, x in features.items():
+            y = labels.to(x.device)
+            tr, te = train.to(x.device), test.to(x.device)
             for name in classifiers:
                 if name == "softmax":
-                    probe = fit_softmax(x[train], labels[train], num_classes, l2=l2, max_iter=max_iter)
+                    probe = fit_softmax(x[tr], y[tr], num_classes, l2=l2, max_iter=max_iter)
                 else:
-                    probe = fit_linear_svm(x[train], labels[train], num_classes, c=c, max_iter=max_iter)
-                accuracy = float((probe.predict(x[test]) == labels[test]).float().mean())
+                    probe = fit_linear_svm(x[tr], y[tr], num_classes, c=c, max_iter=max_iter)
+                accuracy = float((probe.predict(x[te]) == y[te]).float().mean())
                 scores.append(ProbeScore(layer, name, fold, accuracy, len(train), len(test)))
     return scores
 
@@ -222,3 +229,12 @@ def summarize(scores: Sequence[ProbeScore]) -> list[ProbeSummary]:
         t = torch.tensor(accs, dtype=torch.float64)
         out.append(ProbeSummary(layer, classifier, float(t.mean()), float(t.std(unbiased=False)), len(accs)))
     return out
+
+
+def pooled_grid(channels: int, side: int, max_features: int) -> int | None:
+    """The grid for :func:`extract_features` that keeps a (channels, side, side) conv map at or under
+    ``max_features`` values: None (the whole map) when it already fits, else the largest g with
+    channels g^2 <= max_features (at least 1)."""
+    if channels * side * side <= max_features:
+        return None
+    return max(1, min(side, int(math.isqrt(max_features // channels))))

@@ -11,6 +11,7 @@ from zfcore.probe import (
     fit_linear_svm,
     fit_softmax,
     per_class_split,
+    pooled_grid,
     probe_layers,
     random_init,
     summarize,
@@ -99,3 +100,12 @@ def test_extract_features_pools_conv_maps_to_a_grid():
     pooled = extract_features(model, images, ["conv1", "fc7"], grid=2)
     assert full["conv1"].shape == (5, 32 * 30 * 30) and pooled["conv1"].shape == (5, 32 * 4)
     torch.testing.assert_close(full["fc7"], pooled["fc7"])
+
+
+def test_pooled_grid_caps_the_feature_length():
+    assert pooled_grid(32, 30, 32768) is None  # 28800 values fit
+    assert pooled_grid(96, 110, 32768) == 18  # the paper's conv1: 96 * 18^2 = 31104
+    assert pooled_grid(10_000, 3, 100) == 1
+    model = random_init(build("zfnet-small"), seed=0)
+    feats = extract_features(model, torch.randn(2, 3, 64, 64), ["conv1", "conv5"], grid={"conv1": 3})
+    assert feats["conv1"].shape == (2, 32 * 9) and feats["conv5"].shape == (2, 64 * 3 * 3)
