@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 RUNNERS: dict[str, str] = {
     "atlas": "jobs.atlas:run",
+    "occlusion": "jobs.analysis:run_occlusion",
+    "invariance": "jobs.analysis:run_invariance",
+    "correspondence": "jobs.analysis:run_correspondence",
+    "probe": "jobs.analysis:run_probe",
 }
 
 
