@@ -34,7 +34,9 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=False)
     else:
         log.info("starting a local Ray on 127.0.0.1")
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # "local": always a fresh instance; without it ray.init() attaches to whatever cluster this
+        # machine last started, which is not what "no RAY_ADDRESS" means to a user.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def cluster_gpus() -> float:

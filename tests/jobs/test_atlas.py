@@ -191,3 +191,25 @@ def test_fc_layer_atlas_of_a_randomly_initialized_model(ray_cluster, tmp_path):
     assert set(table.column("y").to_pylist()) == {0}
     # fc units see the whole image.
     assert set(table.column("box_height").to_pylist()) == {64}
+
+
+def test_cli_run_starts_a_local_ray_when_no_address_is_set(tmp_path):
+    """What `make demo` and a laptop user do: `zfatlas run` with no RAY_ADDRESS."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cli = Path(sys.executable).with_name("zfatlas")
+    proc = subprocess.run(
+        [str(cli), "run", "examples/atlas-small.yaml", "--quiet", "--output", str(tmp_path),
+         "--set", "dataset.num_images=40", "--set", "layers=[conv1]", "--set", "shard_size=20"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = Store.from_uri(str(tmp_path)).list_runs("atlas")
+    assert len(runs) == 1
+    assert str(tmp_path) in proc.stdout
+    table = pq.read_table(tmp_path / "atlas" / runs[0]["run_id"] / "features.parquet")
+    assert table.num_rows == 9 * 32
