@@ -30,6 +30,10 @@ RUNNERS: dict[str, str] = {
     "probe": "jobs.analysis:run_probe",
 }
 
+# Kinds whose runner resumes from what an uncommitted attempt left (train: its checkpoints); their
+# leftovers are handed to the runner instead of deleted.
+RESUMABLE_KINDS = frozenset({"train"})
+
 
 class NoRunnerError(SpecError):
     """The spec is valid but this version of zfatlas cannot run its kind."""
@@ -69,7 +73,7 @@ def run_spec(spec: SpecBase, *, output: str | None = None, quiet: bool = False) 
     store = Store.from_uri(spec.output, spec.endpoint_url)
     store.check()
     run_id = spec_run_id(spec)
-    run = store.begin_run(kind, run_id)
+    run = store.begin_run(kind, run_id, keep_leftovers=kind in RESUMABLE_KINDS)
     if run.already_committed:
         log.info("%s/%s is already committed at %s; nothing to do", kind, run_id, run.uri)
         return run.manifest or {}

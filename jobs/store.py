@@ -226,9 +226,10 @@ class Store(ABC):
     def run_prefix(self, kind: str, run_id: str) -> str:
         return f"{_segment(kind, 'kind')}/{_segment(run_id, 'run id')}"
 
-    def begin_run(self, kind: str, run_id: str) -> RunWriter:
+    def begin_run(self, kind: str, run_id: str, *, keep_leftovers: bool = False) -> RunWriter:
         """A writer for the run: ``already_committed`` if its manifest exists; otherwise whatever an
-        earlier, uncommitted attempt left under its prefix is deleted first."""
+        earlier, uncommitted attempt left under its prefix is deleted first, unless
+        ``keep_leftovers`` (a job that resumes from them, e.g. training from its checkpoints)."""
         prefix = self.run_prefix(kind, run_id)
         try:
             manifest = self.get_json(f"{prefix}/{MANIFEST}")
@@ -236,7 +237,7 @@ class Store(ABC):
             manifest = None
         if manifest is not None:
             return RunWriter(self, kind, run_id, committed=manifest)
-        leftovers = self.list_keys(prefix + "/")
+        leftovers = [] if keep_leftovers else self.list_keys(prefix + "/")
         if leftovers:
             log.info("deleting %d files of an uncommitted attempt at %s", len(leftovers), self.uri_of(prefix))
             self.delete_prefix(prefix + "/")

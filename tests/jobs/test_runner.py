@@ -72,6 +72,25 @@ def test_failed_runner_leaves_nothing_visible_and_rerun_commits_once(tmp_path: P
     assert len(store.list_runs()) == 1
 
 
+def resuming_runner(spec: Any, store: Store, run: RunWriter, *, quiet: bool) -> dict[str, Any]:
+    CALLS.append(run.run_id)
+    found = store.exists(run.key("checkpoints/epoch-0001.pt"))
+    run.put_bytes("checkpoints/epoch-0001.pt", b"state")
+    if len(CALLS) == 1:
+        raise RuntimeError("crashed after the first checkpoint")
+    return {"found_checkpoint": found}
+
+
+def test_resumable_kind_gets_its_leftovers_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(runner_module.RUNNERS, "train", f"{__name__}:resuming_runner")
+    assert "train" in runner_module.RESUMABLE_KINDS
+    spec = parse_spec({"kind": "train", "name": "t", "output": str(tmp_path), "run_id": "t1"})
+    with pytest.raises(RuntimeError, match="crashed"):
+        run_spec(spec)
+    assert run_spec(spec)["found_checkpoint"] is True
+    assert len(CALLS) == 2
+
+
 def test_output_override_is_used_and_recorded(tmp_path: Path) -> None:
     spec = _spec(tmp_path)
     other = tmp_path / "elsewhere"
@@ -96,7 +115,9 @@ def test_kinds_without_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert runner_module.RUNNERS["atlas"] == "jobs.atlas:run"
 
 
-def test_cli_run_prints_the_run_location(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_run_prints_the_run_location(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec_path = tmp_path / "probe.yaml"
     spec_path.write_text("kind: probe\nname: cli\n")
     out_dir = tmp_path / "out"
@@ -108,6 +129,7 @@ def test_cli_run_prints_the_run_location(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["run", str(spec_path), "--output", str(out_dir), "--set", "folds=3"]) == 0
     assert capsys.readouterr().out == out and len(CALLS) == 1
 
+    monkeypatch.delitem(runner_module.RUNNERS, "train")  # a kind this version could not run
     spec_path.write_text("kind: train\nname: cli\n")
     assert main(["run", str(spec_path), "--output", str(out_dir)]) == 2
     assert "no runner for kind 'train'" in capsys.readouterr().err

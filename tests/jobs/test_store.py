@@ -178,6 +178,18 @@ def test_uncommitted_leftover_with_different_files_is_replaced(store: Store) -> 
     assert store.exists("atlas/r2/manifest.json")
 
 
+def test_resuming_job_keeps_leftovers_until_it_commits(store: Store) -> None:
+    run = store.begin_run("train", "t")
+    run.put_bytes("checkpoints/epoch-0001.pt", b"state")
+    again = store.begin_run("train", "t", keep_leftovers=True)
+    assert not again.already_committed
+    assert store.get_bytes("train/t/checkpoints/epoch-0001.pt") == b"state"
+    again.commit({"name": "t"})
+    # Committed: keep_leftovers changes nothing, the run is returned as it is.
+    assert store.begin_run("train", "t", keep_leftovers=True).already_committed
+    assert store.list_keys("train/t/") == ["train/t/checkpoints/epoch-0001.pt", "train/t/manifest.json"]
+
+
 def test_png_and_parquet_readable_everywhere(store: Store, tmp_path) -> None:
     run = store.begin_run("atlas", "tables")
     rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
