@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "zfatlas_cli.demo",
     "zfatlas_cli.specs",
+    "zfatlas_cli.query",
 ]
 
 # A local Ray started by the CLI binds loopback only (see README, "Network").
