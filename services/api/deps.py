@@ -1,0 +1,70 @@
+"""Dependencies shared by the routers: the store catalog, page parameters, safe keys, image URLs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import quote
+
+from fastapi import HTTPException, Query, Request, status
+
+from jobs.store import check_key
+from services.api.catalog import Catalog
+from services.api.models import Page
+from services.api.settings import Settings
+
+T = TypeVar("T")
+# Path parameters naming runs and layers: letters, digits, '.', '-', '_' (what run ids may hold);
+# anything else is refused before it reaches the store.
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+IMAGES_PREFIX = "/api/images/"
+
+
+def catalog(request: Request) -> Catalog:
+    return request.app.state.catalog
+
+
+@dataclass(frozen=True)
+class PageParams:
+    offset: int
+    limit: int
+
+    def page(self, items: Sequence[T], total: int | None = None) -> Page[T]:
+        """A page of ``items`` (which already start at ``offset`` when ``total`` is given)."""
+        if total is None:
+            total = len(items)
+            items = items[self.offset : self.offset + self.limit]
+        end = self.offset + len(items)
+        return Page[T](items=list(items), total=total, offset=self.offset, limit=self.limit,
+                       next_offset=end if end < total else None)
+
+
+def page_params(settings: Settings) -> Callable[..., PageParams]:
+    """The ``offset``/``limit`` query parameters, bounded by the settings (422 above the bound)."""
+
+    def dependency(
+        offset: int = Query(0, ge=0, le=1_000_000_000, description="Index of the first item."),
+        limit: int = Query(
+            settings.default_page_size,
+            ge=1,
+            le=settings.max_page_size,
+            description=f"Items per page (at most {settings.max_page_size}).",
+        ),
+    ) -> PageParams:
+        return PageParams(offset, limit)
+
+    return dependency
+
+
+def safe_key(key: str) -> str:
+    """``key`` if it stays inside the store, else 400 (``..``, absolute, backslash, empty segment)."""
+    try:
+        return check_key(key)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"bad key: {exc}") from None
+
+
+def image_url(key: str | None) -> str | None:
+    """The API URL that streams the store object ``key`` (None for a missing key)."""
+    return f"{IMAGES_PREFIX}{quote(key, safe='/')}" if key else None

@@ -1,0 +1,76 @@
+"""``/api/diffs``: the ranked per-channel diff of two atlases; writing one to the store (token)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, status
+
+from jobs.diff import diff_to_parquet
+from services.api.catalog import Catalog
+from services.api.deps import NAME_PATTERN, PageParams, catalog, image_url, page_params
+from services.api.models import DiffOut, DiffRequest, DiffRowOut, DiffWritten, ErrorOut
+from services.api.security import require_read_access, require_token
+from services.api.settings import Settings
+
+DIFFS_PREFIX = "diffs"
+ERRORS = {404: {"model": ErrorOut}, 400: {"model": ErrorOut}}
+
+
+def _row(r: dict[str, Any]) -> DiffRowOut:
+    urls = {f"{kind}_grid_url_{side}": image_url(r[f"{kind}_grid_key_{side}"])
+            for kind in ("projection", "patch") for side in ("a", "b")}
+    plain = {k: v for k, v in r.items() if not k.endswith(("_key_a", "_key_b"))}
+    return DiffRowOut(**plain, **urls)
+
+
+def router(settings: Settings) -> APIRouter:
+    api = APIRouter(prefix="/api/diffs", tags=["diffs"])
+    page = page_params(settings)
+
+    @api.get(
+        "/{run_a}/{run_b}",
+        response_model=DiffOut,
+        summary="Per-channel changes from atlas A to atlas B, most changed first",
+        responses=ERRORS,
+        dependencies=[Depends(require_read_access)],
+    )
+    def diff(
+        run_a: str = Path(pattern=NAME_PATTERN, description="Atlas run id (before)."),
+        run_b: str = Path(pattern=NAME_PATTERN, description="Atlas run id (after)."),
+        layer: list[str] | None = Query(None, max_length=64, description="Only these layers (repeatable)."),
+        status_: Literal["died", "born", "alive", "dead"] | None = Query(
+            None, alias="status", description="Only channels with this status."
+        ),
+        params: PageParams = Depends(page),
+        cat: Catalog = Depends(catalog),
+    ) -> DiffOut:
+        result = cat.diff(run_a, run_b, layer)
+        table = result.table
+        rows = table.to_pylist()
+        if status_:
+            rows = [r for r in rows if r["status"] == status_]
+        page_rows = rows[params.offset : params.offset + params.limit]
+        return DiffOut(run_a=run_a, run_b=run_b, layers=result.layers, counts=result.counts(),
+                       warnings=result.warnings,
+                       page=params.page([_row(r) for r in page_rows], total=len(rows)))
+
+    @api.post(
+        "",
+        response_model=DiffWritten,
+        status_code=status.HTTP_201_CREATED,
+        summary="Write the diff of two atlases to the store as Parquet (needs the bearer token)",
+        responses={**ERRORS, 401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 413: {"model": ErrorOut}},
+        dependencies=[Depends(require_token)],
+    )
+    def write(body: DiffRequest, cat: Catalog = Depends(catalog)) -> DiffWritten:
+        result = cat.diff(body.run_a, body.run_b, body.layers)
+        name = body.name or f"{body.run_a}--{body.run_b}.parquet"
+        if not name.endswith(".parquet"):
+            name += ".parquet"
+        key = f"{DIFFS_PREFIX}/{name}"  # a fixed prefix: the API can never overwrite a run's files
+        cat.store.put_bytes(key, diff_to_parquet(result))
+        return DiffWritten(key=key, uri=cat.store.uri_of(key), rows=result.table.num_rows,
+                           counts=result.counts())
+
+    return api
