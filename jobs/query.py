@@ -310,7 +310,8 @@ class AtlasReader:
             raise QueryError(f"offset must be >= 0 and limit >= 1 (got {offset}, {limit})")
         stop = min(offset + limit, info.channels)
         if offset >= stop:
-            return pa.table({c: [] for c in TILE_COLUMNS}).cast(self.features.schema.select(TILE_COLUMNS))
+            schema = self.features.schema
+            return schema.empty_table().select(TILE_COLUMNS)
         expr = (
             (ds.field("layer") == layer)
             & (ds.field("rank") == 0)

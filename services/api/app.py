@@ -46,23 +46,27 @@ TAGS = [
 ]
 
 
-def scheduler_router() -> APIRouter | None:
-    """The scheduler's router if ``services.scheduler.http`` exists, else None. A module that
-    exists but fails to import, or has no ``router``, is an error (not silently skipped)."""
-    if importlib.util.find_spec("services.scheduler") is None:
+def scheduler_router(module_name: str = SCHEDULER_MODULE) -> APIRouter | None:
+    """The ``router`` of ``module_name`` if that module exists, else None. A module that exists
+    but fails to import, or has no ``router``, is an error (never silently skipped)."""
+    parent = module_name.rpartition(".")[0]
+    if parent and importlib.util.find_spec(parent) is None:
         return None
-    if importlib.util.find_spec(SCHEDULER_MODULE) is None:
+    if importlib.util.find_spec(module_name) is None:
         return None
-    module = importlib.import_module(SCHEDULER_MODULE)
+    module = importlib.import_module(module_name)
     router = getattr(module, "router", None)
     if not isinstance(router, APIRouter):
-        raise RuntimeError(f"{SCHEDULER_MODULE} must define `router`, a fastapi.APIRouter")
+        raise RuntimeError(f"{module_name} must define `router`, a fastapi.APIRouter")
     return router
 
 
-def create_app(settings: Settings | None = None, *, store: Store | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, store: Store | None = None, scheduler_module: str = SCHEDULER_MODULE
+) -> FastAPI:
     """The app for ``settings`` (default: from ``ZFATLAS_API_*`` environment variables).
-    ``store`` overrides the store the settings name (tests)."""
+    ``store`` overrides the store the settings name; ``scheduler_module`` names the module whose
+    ``router`` (submit/schedule endpoints) is mounted when it exists."""
     settings = settings or Settings()
     store = store or Store.from_uri(settings.store, settings.endpoint_url)
     app = FastAPI(
@@ -80,10 +84,10 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     app.include_router(atlas.router(settings))
     app.include_router(diffs.router(settings))
     app.include_router(images.router())
-    scheduler = scheduler_router()
+    scheduler = scheduler_router(scheduler_module)
     if scheduler is not None:
         app.include_router(scheduler)
-        log.info("scheduler endpoints mounted from %s", SCHEDULER_MODULE)
+        log.info("scheduler endpoints mounted from %s", scheduler_module)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

@@ -97,11 +97,15 @@ async function selectRun(runId, wantedLayer) {
   if (layer) await selectLayer(layer.name);
 }
 
+// The diff compares a baseline (default: the atlas committed just before the selected one, e.g.
+// the previous night's) with the selected atlas.
 function fillRunB() {
   const current = $("run-b").value || state.runB;
   const others = state.atlases.filter((r) => r.run_id !== state.run);
   $("run-b").replaceChildren(...others.map((r) => el("option", { value: r.run_id, text: r.run_id })));
-  const keep = others.find((r) => r.run_id === current) || others[0];
+  const index = state.atlases.findIndex((r) => r.run_id === state.run);
+  const previous = state.atlases.slice(index + 1)[0];
+  const keep = others.find((r) => r.run_id === current) || previous || others[0];
   state.runB = keep ? keep.run_id : null;
   if (keep) $("run-b").value = keep.run_id;
 }
@@ -250,9 +254,15 @@ function diffRow(r) {
     el("meter", { min: 0, max: r.k, value: r.shared_topk }),
     el("span", { text: ` ${r.shared_topk}/${r.k}` }),
   ]);
-  const change = r.relative_change === null ? "–" : `${r.relative_change >= 0 ? "+" : ""}${(100 * r.relative_change).toFixed(1)}%`;
-  const grid = (url, run) => el("div", { class: "pair clickable", onclick: () => openDetail(run, r.layer, r.channel) },
-    [lazyImg(url, `${run} channel ${r.channel}`, "proj", 96)]);
+  const change = r.relative_change === null ? "–"
+    : `${r.relative_change >= 0 ? "+" : ""}${(100 * r.relative_change).toFixed(1)}%`;
+  const grids = (proj, patch, run) => el("div", {
+    class: "pair clickable", title: `open channel ${r.channel} of ${run}`,
+    onclick: () => openDetail(run, r.layer, r.channel),
+  }, [
+    lazyImg(proj, `${run} channel ${r.channel} projections`, "proj", 88),
+    lazyImg(patch, `${run} channel ${r.channel} patches`, "patch", 88),
+  ]);
   return el("tr", { "data-channel": r.channel }, [
     el("td", { text: r.rank }),
     el("td", { text: `${r.layer} #${r.channel}` }),
@@ -260,8 +270,8 @@ function diffRow(r) {
     el("td", {}, [shared]),
     el("td", { text: `${fmt(r.top_activation_a)} → ${fmt(r.top_activation_b)}` }),
     el("td", { text: change, class: r.delta_activation < 0 ? "down" : "up" }),
-    el("td", {}, [grid(r.projection_grid_url_a, state.run)]),
-    el("td", {}, [grid(r.projection_grid_url_b, state.runB)]),
+    el("td", {}, [grids(r.projection_grid_url_a, r.patch_grid_url_a, state.runB)]),
+    el("td", {}, [grids(r.projection_grid_url_b, r.patch_grid_url_b, state.run)]),
   ]);
 }
 
@@ -274,7 +284,9 @@ async function loadMoreDiff() {
     const params = new URLSearchParams({ offset: state.diffOffset, limit: PAGE });
     if (state.layer) params.append("layer", state.layer);
     if (state.status) params.set("status", state.status);
-    const data = await getJSON(`/api/diffs/${encodeURIComponent(state.run)}/${encodeURIComponent(state.runB)}?${params}`);
+    // A = the baseline picked in "against", B = the selected atlas.
+    const pair = `${encodeURIComponent(state.runB)}/${encodeURIComponent(state.run)}`;
+    const data = await getJSON(`/api/diffs/${pair}?${params}`);
     if (token !== state.diffToken) return;
     const c = data.counts;
     $("diff-summary").textContent = `${data.run_a} → ${data.run_b}, ${data.layers.join(", ")}: `
