@@ -10,7 +10,9 @@ leaves its run uncommitted.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -51,6 +53,28 @@ def resolve_runner(kind: str) -> Callable[..., dict[str, Any]]:
     if module is None or not hasattr(module, func):
         raise NoRunnerError([f"kind: no runner for kind {kind!r} in this version"])
     return getattr(module, func)
+
+
+# Set by Ray's job supervisor for the entrypoint of a job submitted through the Jobs API (our
+# `zfatlas submit`, the scheduler, KubeRay's RayJob, `ray job submit`): JSON whose "metadata" holds
+# the submission id under "job_submission_id". Ray has no public getter for the submission id
+# (ray.get_runtime_context().get_job_id() is the internal driver id, not what `zfatlas jobs status`
+# takes), so this variable is the one place to read it.
+_RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def ray_submission_id() -> str | None:
+    """The Ray Jobs API submission id of the job this process is the entrypoint of, else None."""
+    raw = os.environ.get(_RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        metadata = json.loads(raw).get("metadata") or {}
+    except (ValueError, AttributeError):
+        log.warning("ignoring an unreadable %s", _RAY_JOB_CONFIG_ENV)
+        return None
+    value = metadata.get("job_submission_id")
+    return value if isinstance(value, str) and value else None
 
 
 def run_location(spec: SpecBase, output: str | None = None) -> str:
@@ -94,5 +118,8 @@ def run_spec(spec: SpecBase, *, output: str | None = None, quiet: bool = False) 
                 "name": spec.name,
                 "started_at": started,
                 "timings": timings,
+                # Links the run to the Ray job that produced it (null when not run as a Ray job);
+                # the job's metadata holds the run id the other way round (jobs/submit.py).
+                "ray_job_id": ray_submission_id(),
             }
         )
