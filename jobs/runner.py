@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 RUNNERS: dict[str, str] = {
     "atlas": "jobs.atlas:run",
+    "train": "jobs.train:run",
     "occlusion": "jobs.analysis:run_occlusion",
     "invariance": "jobs.analysis:run_invariance",
     "correspondence": "jobs.analysis:run_correspondence",
