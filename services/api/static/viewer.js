@@ -169,12 +169,7 @@ async function loadMoreTiles() {
   } finally {
     gridBusy = false;
   }
-  // The sentinel may still be visible (tall screens): keep filling.
-  if (!state.gridDone && isNearViewport($("grid-sentinel"))) loadMoreTiles();
-}
-
-function isNearViewport(node) {
-  return node.getBoundingClientRect().top < window.innerHeight + 800;
+  if (!state.gridDone) rearm($("grid-sentinel"));
 }
 
 // --- channel detail ---
@@ -303,7 +298,7 @@ async function loadMoreDiff() {
   } finally {
     diffBusy = false;
   }
-  if (!state.diffDone && isNearViewport($("diff-sentinel"))) loadMoreDiff();
+  if (!state.diffDone) rearm($("diff-sentinel"));
 }
 
 async function showView(view) {
@@ -320,10 +315,23 @@ async function showView(view) {
 
 // --- wiring ---
 
+const observers = new Map();
+
 function observe(sentinel, loadMore) {
   const observer = new IntersectionObserver((entries) => {
     if (entries.some((e) => e.isIntersecting)) loadMore();
   }, { rootMargin: "800px 0px" });
+  observer.observe(sentinel);
+  observers.set(sentinel, observer);
+}
+
+// An observer reports changes only; a sentinel that stayed near the viewport while a page was
+// loading would never be reported again. Observing it anew reports its current state: if it is
+// still near (tall screen, fast scrolling), the next page loads at once.
+function rearm(sentinel) {
+  const observer = observers.get(sentinel);
+  if (!observer) return;
+  observer.unobserve(sentinel);
   observer.observe(sentinel);
 }
 
