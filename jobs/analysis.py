@@ -574,6 +574,12 @@ def _stop(actors: Sequence[Any]) -> None:
         ray.kill(a)
 
 
+def _same_skips(skips: dict[Any, list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    """The skipped images of items that all read the same images: any one item's list (counting
+    every item's would list each bad image once per item)."""
+    return next(iter(skips.values()), [])
+
+
 def _common(
     spec: SpecBase, source: ImageSource, workers: list[dict[str, Any]], skipped: list[tuple[str, str]]
 ) -> dict[str, Any]:
@@ -663,12 +669,11 @@ def run_invariance(
     if not items:
         raise SpecError(["translations: every sweep (translations, scales, rotations) is empty"])
     actors, workers = _start(spec, run, len(items))
-    distances, probabilities, plots, skipped = [], [], {}, []
+    distances, probabilities, plots = [], [], {}
+    skips: dict[str, list[tuple[str, str]]] = {}
 
     def collect(item: dict[str, Any], out: dict[str, Any]) -> None:
-        # Every sweep reads the same images, so one sweep's skips are everyone's: count them once.
-        if not plots and not skipped:
-            skipped.extend(out["skipped"])
+        skips[item["transform"]] = out["skipped"]
         if out["distances"] is not None:
             distances.append(out["distances"])
             probabilities.append(out["probabilities"])
@@ -678,6 +683,7 @@ def run_invariance(
     run_on_actors(actors, lambda a, it: a.invariance.remote(it), items, collect)
     analyse_s = time.perf_counter() - t_run
     _stop(actors)
+    skipped = _same_skips(skips)
     if not distances:
         raise RuntimeError("no image could be analysed (all unreadable or with unknown labels)")
     dist = _table(_columns(distances, INVARIANCE_DISTANCES_SCHEMA), INVARIANCE_DISTANCES_SCHEMA)
@@ -751,11 +757,10 @@ def run_correspondence(
     items = _correspondence_items(spec, source)
     actors, workers = _start(spec, run, len(items))
     rows: dict[int, list[dict[str, Any]]] = {}
-    skipped: list[tuple[str, str]] = []
+    skips: dict[int, list[tuple[str, str]]] = {}
 
     def collect(item: dict[str, Any], out: dict[str, Any]) -> None:
-        if not skipped:
-            skipped.extend(out["skipped"])  # the same images for every part
+        skips[item["order"]] = out["skipped"]
         if out["rows"] is not None:
             rows[item["order"]] = out["rows"]
 
@@ -763,6 +768,7 @@ def run_correspondence(
     run_on_actors(actors, lambda a, it: a.correspondence.remote(it), items, collect)
     analyse_s = time.perf_counter() - t_run
     _stop(actors)
+    skipped = _same_skips(skips)
     if skipped:
         raise RuntimeError(
             f"correspondence needs every listed image; {len(skipped)} could not be used: {skipped[:3]}"

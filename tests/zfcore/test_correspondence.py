@@ -1,6 +1,7 @@
 import itertools
 import math
 
+import pytest
 import torch
 
 from tests.zfcore.analysis_data import held_out, of_class, stack
@@ -13,6 +14,8 @@ from zfcore.correspondence import (
     random_correspondence,
 )
 from zfcore.model import build
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIGNS = torch.tensor([[1, 0, -1, 1], [1, 1, -1, -1], [1, 0, -1, 1]], dtype=torch.int8)
 

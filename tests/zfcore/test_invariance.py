@@ -4,6 +4,8 @@ import torch
 from tests.zfcore.analysis_data import held_out, stack
 from zfcore.invariance import IDENTITY, KINDS, invariance_sweep, transform
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_identity_values_leave_images_unchanged():
     x = torch.randn(2, 3, 16, 16)

@@ -7,6 +7,8 @@ from zfcore.deconv import project
 from zfcore.model import build
 from zfcore.occlusion import occlude, occlusion_sensitivity, pixel_map, square_offsets, strongest_map
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_square_offsets_step_and_cover_the_edge():
     assert square_offsets(64, 16, 4).tolist() == list(range(0, 49, 4))

@@ -17,6 +17,8 @@ from zfcore.probe import (
     summarize,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _blobs(n_per_class: int, classes: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
