@@ -106,7 +106,7 @@ def test_layer_grid_channel_detail_and_diff(real_atlases, page, tmp_path):
         # Diff view: the baseline is the atlas committed before the selected one.
         page.click("#tab-diff")
         page.wait_for_function(
-            "() => document.querySelectorAll('#diff-table tbody tr').length === 64", timeout=30_000
+            "() => document.querySelectorAll('#diff-table tbody tr').length === 32", timeout=30_000
         )
         assert page.input_value("#run-b") == real_atlases.before
         summary = page.text_content("#diff-summary")
