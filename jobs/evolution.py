@@ -102,6 +102,20 @@ def snapshot(
         network.train(was_training)
 
 
+DISPLAY_SIDE = 48  # strips and panels enlarge small tiles (conv1's are 7px) to about this size
+
+
+def _enlarged(tiles: list[np.ndarray]) -> list[np.ndarray]:
+    """Tiles scaled up by the same whole factor (nearest neighbour) so the largest is at least
+    :data:`DISPLAY_SIDE` pixels, for viewing; the per-epoch PNGs keep the true size."""
+    factor = max(1, -(-DISPLAY_SIDE // max(max(t.shape[:2]) for t in tiles)))
+    return [t.repeat(factor, axis=0).repeat(factor, axis=1) for t in tiles]
+
+
+def _read_png(run: RunWriter, key: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(run.store.get_bytes(key))).convert("RGB"))
+
+
 def _base(layer: str, channel: int) -> str:
     return f"evolution/{layer}/{channel:04d}"
 
@@ -118,21 +132,21 @@ def write_snapshot(run: RunWriter, epoch: int, items: list[tuple[dict, np.ndarra
 def write_strips(run: RunWriter, rows: list[dict]) -> dict[str, str]:
     """One strip per channel (epochs left to right) and one panel per layer (a row per channel),
     from the tiles already in the store. Returns {layer: panel key}."""
-    by_channel: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    by_layer: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        by_channel[(row["layer"], row["channel"])].append(row)
+        by_layer[row["layer"]][row["channel"]].append(row)
     epochs = sorted({r["epoch"] for r in rows})
-    panels: dict[str, list[np.ndarray]] = defaultdict(list)
-    for (layer, channel), entries in sorted(by_channel.items()):
-        entries.sort(key=lambda r: r["epoch"])
-        tiles = [np.asarray(Image.open(io.BytesIO(run.store.get_bytes(r["projection_key"]))).convert("RGB"))
-                 for r in entries]
-        cell = (max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles))
-        run.put_png(f"{_base(layer, channel)}/strip.png", grid(tiles, columns=len(tiles), cell=cell))
-        at = {r["epoch"]: t for r, t in zip(entries, tiles, strict=True)}
+    panels = {}
+    for layer, channels in by_layer.items():
+        loaded = {(c, r["epoch"]): _read_png(run, r["projection_key"])
+                  for c, entries in channels.items() for r in entries}
+        big = dict(zip(loaded, _enlarged(list(loaded.values())), strict=True))
+        cell = (max(t.shape[0] for t in big.values()), max(t.shape[1] for t in big.values()))
         blank = np.full((1, 1, 3), 255, np.uint8)
-        panels[layer].extend(at.get(e, blank) for e in epochs)
-    return {
-        layer: run.put_png(f"evolution/{layer}.png", grid(tiles, columns=len(epochs)))
-        for layer, tiles in panels.items()
-    }
+        panel = []
+        for channel in sorted(channels):
+            strip = [big.get((channel, e), blank) for e in epochs]
+            run.put_png(f"{_base(layer, channel)}/strip.png", grid(strip, columns=len(epochs), cell=cell))
+            panel.extend(strip)
+        panels[layer] = run.put_png(f"evolution/{layer}.png", grid(panel, columns=len(epochs), cell=cell))
+    return panels

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,13 +32,14 @@ import ray
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from tqdm import tqdm
 
 from jobs.checkpoints import latest_checkpoint, spec_digest
 from jobs.cluster import cluster_gpus, connect
 from jobs.datasets import open_dataset
 from jobs.spec import TrainSpec
-from jobs.store import RunWriter, Store
-from jobs.train_worker import train_loop
+from jobs.store import RunWriter, Store, StoreError
+from jobs.train_worker import PROGRESS, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,25 @@ def _gpu_workers_have_cuda(cluster: str, gpus: float, cpus: float) -> bool:
     return ray.get(_cuda_available.options(num_gpus=gpus, num_cpus=cpus).remote())
 
 
+def follow_progress(run: RunWriter, epochs: int, first: int, done: threading.Event) -> None:
+    """A progress bar of finished epochs, from the ``progress.json`` rank 0 writes after each."""
+    bar = tqdm(total=epochs, initial=first, unit="epoch", desc="train")
+    seen = first
+    while not done.wait(2.0):
+        try:
+            progress = run.store.get_json(run.key(PROGRESS))
+        except (StoreError, ValueError):  # not written yet, or a transient read error
+            continue
+        if progress["epoch"] > seen:
+            bar.update(progress["epoch"] - seen)
+            seen = progress["epoch"]
+            val = progress.get("val_top1_error")
+            bar.set_postfix(loss=f"{progress['train_loss']:.3f}",
+                            val_err="-" if val is None else f"{val:.3f}",
+                            img_s=f"{progress['images_per_s']:.0f}")
+    bar.close()
+
+
 def run(spec: TrainSpec, store: Store, run: RunWriter, *, quiet: bool = False) -> dict[str, Any]:
     """Train into ``run`` (committed by the caller); returns the manifest fields."""
     t0 = time.perf_counter()
@@ -116,7 +137,14 @@ def run(spec: TrainSpec, store: Store, run: RunWriter, *, quiet: bool = False) -
     log.info("training %s: %d workers (%s, %s), %d epochs", run.run_id, workers,
              "GPU" if use_gpu else "CPU", backend, spec.epochs)
     t_fit = time.perf_counter()
-    summary = trainer.fit().return_value
+    done = threading.Event()
+    if not quiet:
+        first = resumed["epoch"] if resumed else 0
+        threading.Thread(target=follow_progress, args=(run, spec.epochs, first, done), daemon=True).start()
+    try:
+        summary = trainer.fit().return_value
+    finally:
+        done.set()
     fit_s = time.perf_counter() - t_fit
     if not summary:
         raise RuntimeError("training finished without a summary from rank 0")

@@ -21,6 +21,12 @@ from zfcore.renorm import renormalize_filters
 from zfcore.training import augment, train_step
 
 
+def tune_convolutions(device: torch.device) -> None:
+    """On GPU, let cuDNN pick the fastest convolution algorithms (input shapes are fixed)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def memory_format(device: torch.device) -> torch.memory_format:
     """Channels-last on GPU (tensor-core convolutions), the default layout on CPU."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format

@@ -48,9 +48,11 @@ from jobs.train_metrics import (
     layer_stats,
     validate,
 )
-from jobs.train_step import TrainStepper, memory_format, to_device, with_precision
+from jobs.train_step import TrainStepper, memory_format, to_device, tune_convolutions, with_precision
 
 log = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"  # rank 0's last finished epoch, for the driver's progress bar
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -87,8 +89,7 @@ class TrainWorker:
         # The GPU Ray assigned this worker; the CPU when CUDA is missing, also on clusters whose GPUs
         # are only declared (the test cluster's).
         self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        tune_convolutions(self.device)
         self.batch_size = spec.resources.batch_size
 
         self.source = open_dataset(spec.dataset, spec.image_size, spec.endpoint_url)
@@ -236,6 +237,7 @@ class TrainWorker:
                                  self.channels, self.batch_size)
                 self.state["evolution"].extend(write_snapshot(self.run, epoch, items))
             self.state["metrics"].append(row)
+            self.run.put_json(PROGRESS, {"epochs": spec.epochs, **row})
             log.info("epoch %d/%d: loss %.3f, train top-1 err %.3f, val top-1 err %s, %.0f img/s",
                      epoch, spec.epochs, row["train_loss"], row["train_top1_error"],
                      "-" if val["val_top1_error"] is None else f"{val['val_top1_error']:.3f}",

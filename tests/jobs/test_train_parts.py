@@ -14,7 +14,14 @@ from PIL import Image
 
 from jobs.checkpoints import FINAL, LATEST, epoch_key, latest_checkpoint, load_checkpoint, save_checkpoint
 from jobs.datasets import Batch, ProceduralSource
-from jobs.evolution import EVOLUTION_SCHEMA, select_channels, snapshot, write_snapshot, write_strips
+from jobs.evolution import (
+    DISPLAY_SIDE,
+    EVOLUTION_SCHEMA,
+    select_channels,
+    snapshot,
+    write_snapshot,
+    write_strips,
+)
 from jobs.lr_schedule import PLATEAU_PATIENCE, make_scheduler, step_schedule
 from jobs.models import load_model
 from jobs.spec import ModelSpec, parse_spec
@@ -89,15 +96,15 @@ def test_step_learns_renormalizes_and_counts_hits() -> None:
     torch.manual_seed(0)
     net = build("zfnet-small")
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    batch = ProceduralSource(32, 64).read(range(32))
+    batch = ProceduralSource(16, 64).read(range(16))
     images, labels = batch.images, batch.labels
     stepper = TrainStepper(net, net, opt, torch.device("cpu"), renorm_radius=0.1, augment_images=False,
                            generator=torch.Generator().manual_seed(0))
     first = stepper.step(images, labels)
-    for _ in range(15):
+    for _ in range(7):
         last = stepper.step(images, labels)
     assert last.loss < first.loss
-    assert first.images == 32 and 0 <= last.top1 <= last.top5 <= 32
+    assert first.images == 16 and 0 <= last.top1 <= last.top5 <= 16
     assert first.rescaled > 0  # He-initialized conv1 filters start above the 0.1 radius
     assert float(filter_rms(net.features.conv1.weight).max()) <= 0.1 + 1e-6
 
@@ -202,10 +209,13 @@ def test_evolution_strips_hold_every_epoch(tmp_path) -> None:
     assert tile.shape == (row["box_height"], row["box_width"], 3)
     assert net.features.conv1.weight.requires_grad and net.training
     panels = write_strips(run, rows)
-    strip = Image.open(io.BytesIO(run.store.get_bytes(run.key("evolution/conv2/0000/strip.png"))))
-    assert strip.size[0] > 3 * row["box_width"] and strip.size[1] < 2 * row["box_height"] + 8
-    # Fig. 4's layout: a row per channel, a column per epoch, each cell the largest tile.
+    # Fig. 4's layout: a row per channel, a column per epoch, each cell the layer's largest tile
+    # enlarged by a whole factor to about DISPLAY_SIDE pixels.
     conv1 = [r for r in rows if r["layer"] == "conv1"]
     ch, cw = max(r["box_height"] for r in conv1), max(r["box_width"] for r in conv1)
+    f = -(-DISPLAY_SIDE // max(ch, cw))
+    assert f > 1
     panel = Image.open(io.BytesIO(run.store.get_bytes(panels["conv1"])))
-    assert panel.size == (3 * (cw + 2) + 2, 3 * (ch + 2) + 2)
+    assert panel.size == (3 * (cw * f + 2) + 2, 3 * (ch * f + 2) + 2)
+    strip = Image.open(io.BytesIO(run.store.get_bytes(run.key("evolution/conv1/0016/strip.png"))))
+    assert strip.size == (3 * (cw * f + 2) + 2, ch * f + 4)
