@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "zfatlas_cli.demo",
     "zfatlas_cli.specs",
     "zfatlas_cli.query",
+    "zfatlas_cli.submit",
 ]
 
 # A local Ray started by the CLI binds loopback only (see README, "Network").
