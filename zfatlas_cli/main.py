@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "zfatlas_cli.specs",
     "zfatlas_cli.query",
     "zfatlas_cli.submit",
+    "zfatlas_cli.scheduler",
 ]
 
 # A local Ray started by the CLI binds loopback only (see README, "Network").
