@@ -47,15 +47,15 @@ class QueryError(ValueError):
 
 
 class UnknownRunError(QueryError, LookupError):
-    pass
+    """No committed atlas run with that id in the store."""
 
 
 class UnknownLayerError(QueryError, LookupError):
-    pass
+    """The atlas has no such layer."""
 
 
 class UnknownChannelError(QueryError, LookupError):
-    pass
+    """The layer has no such channel."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 
+import pyarrow as pa
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from fastapi.responses import Response, StreamingResponse
 
@@ -22,15 +23,15 @@ PNG = {"content": {"image/png": {}}, "description": "A PNG image."}
 ERRORS = {404: {"model": ErrorOut}, 400: {"model": ErrorOut}}
 
 
-def _chunks(stream: object) -> Iterator[bytes]:
+def _chunks(stream: pa.NativeFile) -> Iterator[bytes]:
     try:
         while True:
-            data = stream.read(CHUNK)  # type: ignore[attr-defined]
+            data = stream.read(CHUNK)
             if not data:
                 return
             yield bytes(data)
     finally:
-        stream.close()  # type: ignore[attr-defined]
+        stream.close()
 
 
 def router() -> APIRouter:
