@@ -10,9 +10,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.fs_counting import CountingFileSystem
 from jobs.query import (
     AtlasReader,
-    CountingFileSystem,
     QueryError,
     UnknownChannelError,
     UnknownLayerError,
