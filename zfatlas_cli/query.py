@@ -225,9 +225,9 @@ def serve(args: argparse.Namespace) -> int:
         where = ".".join(str(p) for p in first["loc"]) or "settings"
         return _fail(f"{where}: {first['msg']}")
     import uvicorn
-    from services.api.app import create_app
 
     from jobs.store import Store, StoreError
+    from services.api.app import create_app
 
     try:
         Store.from_uri(settings.store, settings.endpoint_url).check()  # bucket, credentials: fail now
