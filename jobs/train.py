@@ -138,13 +138,16 @@ def run(spec: TrainSpec, store: Store, run: RunWriter, *, quiet: bool = False) -
              "GPU" if use_gpu else "CPU", backend, spec.epochs)
     t_fit = time.perf_counter()
     done = threading.Event()
+    first = resumed["epoch"] if resumed else 0
+    progress = threading.Thread(target=follow_progress, args=(run, spec.epochs, first, done), daemon=True)
     if not quiet:
-        first = resumed["epoch"] if resumed else 0
-        threading.Thread(target=follow_progress, args=(run, spec.epochs, first, done), daemon=True).start()
+        progress.start()
     try:
         summary = trainer.fit().return_value
     finally:
         done.set()
+        if progress.is_alive():
+            progress.join(timeout=10)
     fit_s = time.perf_counter() - t_fit
     if not summary:
         raise RuntimeError("training finished without a summary from rank 0")

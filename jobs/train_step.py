@@ -1,10 +1,10 @@
 """One training step on a worker's device: zfcore's plain step, placed and measured.
 
-:func:`zfcore.training.train_step` is the step (SGD, then nothing else); this module puts its
-inputs on the worker's device (uint8 over the bus, channels-last on GPU), runs the forward pass
-under bf16 autocast when asked, renormalizes the filters of the unwrapped network after the step
-and counts top-1/top-5 hits from the logits that step computed. Nothing here knows about Ray: the
-Ray Train worker and the benchmark's plain loop both drive it.
+:func:`zfcore.training.train_step` is the step (forward, loss, backward, SGD update); this
+module puts its inputs on the worker's device (uint8 over the bus, channels-last on GPU), runs the
+forward pass under bf16 autocast when asked, renormalizes the filters of the unwrapped network
+after the step and counts top-1/top-5 hits from the logits that step computed. Nothing here knows
+about Ray: the train job's workers and the benchmark drive it.
 """
 
 from __future__ import annotations
