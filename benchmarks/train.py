@@ -107,14 +107,15 @@ def ray_worker(config: dict[str, Any]) -> dict[str, Any]:
 def ray_rounds(args: dict[str, Any], rounds: int) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     resources = {"CPU": args["threads"], **({"GPU": 1} if cuda else {})}
-    trainer = TorchTrainer(
-        ray_worker,
-        train_loop_config={**args, "rounds": rounds},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=cuda, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
-        run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="zfatlas-bench-")),
-    )
-    return trainer.fit().return_value
+    with tempfile.TemporaryDirectory(prefix="zfatlas-bench-") as storage:  # Ray Train's run state
+        trainer = TorchTrainer(
+            ray_worker,
+            train_loop_config={**args, "rounds": rounds},
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=cuda, resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+            run_config=RunConfig(storage_path=storage),
+        )
+        return trainer.fit().return_value
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -42,9 +41,6 @@ from jobs.store import RunWriter, Store, StoreError
 from jobs.train_worker import PROGRESS, train_loop
 
 log = logging.getLogger(__name__)
-
-# Ray Train keeps its own run state (no checkpoints: those go to the store) on the driver's disk.
-RAY_STORAGE = Path(tempfile.gettempdir()) / "zfatlas-ray-train"
 
 
 @ray.remote(max_retries=0)
@@ -101,6 +97,23 @@ def follow_progress(run: RunWriter, epochs: int, first: int, done: threading.Eve
     bar.close()
 
 
+def _fit(trainer: TorchTrainer, run: RunWriter, epochs: int, first: int, quiet: bool) -> dict[str, Any]:
+    """``trainer.fit()``, with the progress bar unless ``quiet``; rank 0's summary."""
+    done = threading.Event()
+    progress = threading.Thread(target=follow_progress, args=(run, epochs, first, done), daemon=True)
+    if not quiet:
+        progress.start()
+    try:
+        summary = trainer.fit().return_value
+    finally:
+        done.set()
+        if progress.is_alive():
+            progress.join(timeout=10)
+    if not summary:
+        raise RuntimeError("training finished without a summary from rank 0")
+    return summary
+
+
 def run(spec: TrainSpec, store: Store, run: RunWriter, *, quiet: bool = False) -> dict[str, Any]:
     """Train into ``run`` (committed by the caller); returns the manifest fields."""
     t0 = time.perf_counter()
@@ -122,35 +135,26 @@ def run(spec: TrainSpec, store: Store, run: RunWriter, *, quiet: bool = False) -
     workers, use_gpu, resources = worker_resources(spec)
     backend = backend_for(use_gpu, resources)
     invocation = uuid.uuid4().hex[:12]
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec, "run": run, "num_classes": num_classes, "digest": digest,
-                           "invocation": invocation},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend=backend),
-        run_config=RunConfig(
-            name=f"{run.run_id}-{invocation}",
-            storage_path=str(RAY_STORAGE),
-            failure_config=FailureConfig(max_failures=spec.max_failures),
-        ),
-    )
     log.info("training %s: %d workers (%s, %s), %d epochs", run.run_id, workers,
              "GPU" if use_gpu else "CPU", backend, spec.epochs)
     t_fit = time.perf_counter()
-    done = threading.Event()
-    first = resumed["epoch"] if resumed else 0
-    progress = threading.Thread(target=follow_progress, args=(run, spec.epochs, first, done), daemon=True)
-    if not quiet:
-        progress.start()
-    try:
-        summary = trainer.fit().return_value
-    finally:
-        done.set()
-        if progress.is_alive():
-            progress.join(timeout=10)
+    # Ray Train's own run state goes to a scratch folder on the driver: checkpoints go to the store.
+    with tempfile.TemporaryDirectory(prefix="zfatlas-ray-train-") as ray_storage:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"spec": spec, "run": run, "num_classes": num_classes, "digest": digest,
+                               "invocation": invocation},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            torch_config=TorchConfig(backend=backend),
+            run_config=RunConfig(
+                name=f"{run.run_id}-{invocation}",
+                storage_path=ray_storage,
+                failure_config=FailureConfig(max_failures=spec.max_failures),
+            ),
+        )
+        summary = _fit(trainer, run, spec.epochs, resumed["epoch"] if resumed else 0, quiet)
     fit_s = time.perf_counter() - t_fit
-    if not summary:
-        raise RuntimeError("training finished without a summary from rank 0")
 
     final = latest_checkpoint(run, digest)
     restores = summary["restores"]
