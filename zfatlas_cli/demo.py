@@ -65,4 +65,5 @@ def main(args: argparse.Namespace) -> int:
     print(f"  features table: {where / 'features.parquet'}")
     for layer in manifest.get("summaries", {}):
         print(f"  {layer} summary:  {where / 'summary' / (layer + '.png')}")
+    print(f"browse it: .venv/bin/zfatlas serve --store {out}   (then open http://127.0.0.1:8000)")
     return 0

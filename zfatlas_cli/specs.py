@@ -45,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load(args: argparse.Namespace) -> SpecBase | None:
+def load_spec_or_report(args: argparse.Namespace) -> SpecBase | None:
+    """The spec named by args.spec (a path or - for stdin) with args.overrides applied, or None
+    after printing one line per problem to stderr (the caller exits 2)."""
     # jobs.spec (and through zfcore, torch) is imported only when a command runs: `zfatlas --help`
     # and the other command groups stay fast.
     from jobs.spec import SpecError, load_spec
@@ -64,7 +66,7 @@ def _load(args: argparse.Namespace) -> SpecBase | None:
 def validate(args: argparse.Namespace) -> int:
     from jobs.spec import dump_yaml
 
-    spec = _load(args)
+    spec = load_spec_or_report(args)
     if spec is None:
         return EXIT_SPEC
     sys.stdout.write(dump_yaml(spec))
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from jobs.spec import SpecError
     from jobs.store import StoreError
 
-    spec = _load(args)
+    spec = load_spec_or_report(args)
     if spec is None:
         return EXIT_SPEC
     try:

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from zfatlas_cli.specs import EXIT_FAILED, EXIT_SPEC, _load
+from zfatlas_cli.specs import EXIT_FAILED, EXIT_SPEC, load_spec_or_report
 
 if TYPE_CHECKING:
     from jobs.ray_jobs import JobSummary
@@ -83,7 +83,7 @@ def submit(args: argparse.Namespace) -> int:
     from jobs.submit import prepare
     from jobs.submit import submit as submit_spec
 
-    spec = _load(args)
+    spec = load_spec_or_report(args)
     if spec is None:
         return EXIT_SPEC
     try:
