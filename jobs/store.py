@@ -99,6 +99,10 @@ def fingerprint_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# Set by `zfatlas submit` in the job's environment: the submitting checkout's code_version() JSON.
+CODE_VERSION_ENV = "ZFATLAS_CODE_VERSION"
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict[str, str | bool | None]:
     """Package version and, when running from a git checkout, its commit (and whether it has
@@ -124,6 +128,9 @@ def code_version() -> dict[str, str | bool | None]:
         dirty = bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass  # not a checkout (installed wheel) or no git: the package version has to do
+    if sha is None and os.environ.get(CODE_VERSION_ENV):
+        # Code shipped to a cluster (zfatlas submit) is no checkout; the submitter recorded its own.
+        return {**json.loads(os.environ[CODE_VERSION_ENV]), "shipped": True}
     return {"package": version, "git_sha": sha, "git_dirty": dirty}
 
 

@@ -13,6 +13,7 @@ runner writes the job's submission id into the run's manifest (``ray_job_id``).
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import tempfile
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobs.ray_jobs import KIND_KEY, RUN_ID_KEY, JobsAPIError, call, connect, job_info
 from jobs.spec import SpecBase, dump_yaml, spec_run_id
+from jobs.store import CODE_VERSION_ENV, code_version
 from jobs.uris import parse_uri
 
 if TYPE_CHECKING:
@@ -84,7 +86,13 @@ def prepare(spec: SpecBase, output: str | None = None) -> SpecBase:
 
 
 def runtime_env(spec_dir: str) -> dict[str, Any]:
-    return {"working_dir": spec_dir, "py_modules": package_dirs(), "excludes": list(EXCLUDES)}
+    return {
+        "working_dir": spec_dir,
+        "py_modules": package_dirs(),
+        "excludes": list(EXCLUDES),
+        # The shipped modules are no git checkout: carry this checkout's version into the manifest.
+        "env_vars": {CODE_VERSION_ENV: json.dumps(code_version())},
+    }
 
 
 def submit(

@@ -16,7 +16,7 @@ import yaml
 from jobs.ray_jobs import connect, job_info, list_jobs
 from jobs.runner import ray_submission_id
 from jobs.spec import parse_spec, spec_run_id
-from jobs.store import Store
+from jobs.store import Store, code_version
 from jobs.submit import prepare
 from zfatlas_cli.main import main
 
@@ -113,5 +113,7 @@ def test_zfatlas_submit_runs_an_atlas_to_completion_and_the_run_and_job_name_eac
     assert job.kind == "atlas" and job.metadata["zfatlas_name"] == "submitted-atlas"
     manifest = Store.from_uri(str(out)).read_manifest("atlas", run_id)
     assert manifest["ray_job_id"] == job_id
+    # The shipped code is no checkout; the manifest still names the submitting checkout's commit.
+    assert manifest["code_version"]["git_sha"] == code_version()["git_sha"]
     assert manifest["layers"] == ["conv1"] and manifest["images_scanned"] == 100
     assert manifest["spec"]["model"]["checkpoint"] == checkpoint
