@@ -113,7 +113,10 @@ class ModelSpec(_Strict):
         json_schema_extra={"enum": sorted(VARIANTS)},
     )
     num_classes: int | None = Field(
-        None, ge=1, description="Classifier width; default: the variant's (or the checkpoint's)."
+        None,
+        ge=1,
+        description="Classifier width; default: the checkpoint's, else the dataset's class count "
+        "when training, else the variant's.",
     )
     checkpoint: Location | None = Field(
         None, description="Checkpoint file to load weights from: a path, file:// or s3:// URI."
