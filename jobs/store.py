@@ -48,7 +48,7 @@ class StoreError(Exception):
 
 
 class BucketNotFoundError(StoreError):
-    pass
+    """The S3 bucket does not exist (or the endpoint is not the one meant)."""
 
 
 class StoreAccessError(StoreError):

@@ -304,7 +304,7 @@ class _FlakyProxy:
             protocol_version = "HTTP/1.1"  # answers boto3's "Expect: 100-continue" at once
 
             def log_message(self, *args: object) -> None:
-                pass
+                """No access log on stderr: the test reads the proxy's counters instead."""
 
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
