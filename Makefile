@@ -34,7 +34,7 @@ test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/scan.py
+	for b in scan atlas occlusion train; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
