@@ -29,11 +29,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import torch  # noqa: E402
 
 from jobs.datasets import open_dataset, shard_ranges  # noqa: E402
+from jobs.kinds import parse_spec  # noqa: E402
 from jobs.runner import run_spec  # noqa: E402
-from jobs.spec import parse_spec  # noqa: E402
 from zfcore.data import to_tensor  # noqa: E402
-from zfcore.model import build  # noqa: E402
 from zfcore.scan import scan_batches  # noqa: E402
+from zfcore.zfnet import build  # noqa: E402
 
 CONV = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 

@@ -1,6 +1,6 @@
 """Batched occlusion sensitivity vs one forward pass per square position, same model and images.
 
-Both paths are zfcore.occlusion.occlusion_sensitivity: ``batch_size=1`` is one forward per
+Both paths are zfcore.analyses.occlusion.occlusion_sensitivity: ``batch_size=1`` is one forward per
 position, the batched path pushes ``--batch`` occluded copies through per pass. Repetitions
 alternate between the two and medians are reported, so machine noise hits both alike; the results
 are compared too (they must agree to 1e-5). Runs unchanged on a GPU.
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from zfcore.model import build
-from zfcore.occlusion import OcclusionResult, occlusion_sensitivity, square_offsets
+from zfcore.analyses.occlusion import OcclusionResult, occlusion_sensitivity, square_offsets
+from zfcore.zfnet import build
 
 
 def sync(device: torch.device) -> None:

@@ -15,8 +15,8 @@ import time
 import torch
 
 from zfcore.deconv import project
-from zfcore.model import build
 from zfcore.topk import TopKTracker
+from zfcore.zfnet import build
 
 CONV = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 

@@ -3,7 +3,7 @@
 Both sides train the same seeded model on the same batches (procedural images, generated from the
 same seed in each process and checked equal) for the same number of steps, with random crops and
 flips and filter renormalization: the plain side calls ``zfcore.training.train_step`` directly,
-the Ray side runs ``jobs.train_step.TrainStepper`` on ``ray.train.torch.prepare_model``'s model
+the Ray side runs ``jobs.train.step.TrainStepper`` on ``ray.train.torch.prepare_model``'s model
 inside a ``TorchTrainer`` worker. The sides take turns (plain, Ray, plain, Ray), each turn a few
 timed rounds, and the best and median round of each side are printed side by side with their
 ratio. On a GPU both use bf16 autocast and
@@ -31,10 +31,11 @@ import torch
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from jobs.train_step import TrainStepper, memory_format, to_device, tune_convolutions, with_precision
+from jobs.runtime.device import memory_format, to_device, tune_convolutions
+from jobs.train.step import TrainStepper, with_precision
 from zfcore.data import ProceduralDataset
-from zfcore.model import ZFNet, build
 from zfcore.training import augment, train_step
+from zfcore.zfnet import ZFNet, build
 
 Batches = list[tuple[np.ndarray, np.ndarray]]
 

@@ -1,59 +1,26 @@
 """Run any job spec: open its store, skip it if its run is already committed, else run and commit.
 
-Runners are looked up by kind in :data:`RUNNERS` ("module:function") and imported only when used,
-so validating a spec or running one kind never imports the others' dependencies. A runner is
-``run(spec, store, run, *, quiet) -> dict``: it writes its files through ``run`` and returns the
+The kind's ``execute`` (:data:`jobs.kinds.KINDS`) writes its files through the run and returns the
 fields to put in the manifest; committing is done here, after it returns, so a runner that raises
 leaves its run uncommitted.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from jobs.spec import SpecBase, SpecError, spec_run_id
-from jobs.store import Store
+from jobs.kinds import job_kind
+from jobs.specs.base import SpecBase, SpecError
+from jobs.specs.loading import spec_run_id
+from jobs.store import begin_run, open_store, run_prefix
 from jobs.uris import parse_uri
 
 log = logging.getLogger(__name__)
-
-RUNNERS: dict[str, str] = {
-    "atlas": "jobs.atlas:run",
-    "train": "jobs.train:run",
-    "occlusion": "jobs.analysis:run_occlusion",
-    "invariance": "jobs.analysis:run_invariance",
-    "correspondence": "jobs.analysis:run_correspondence",
-    "probe": "jobs.analysis:run_probe",
-}
-
-# Kinds whose runner resumes from what an uncommitted attempt left (train: its checkpoints); their
-# leftovers are handed to the runner instead of deleted.
-RESUMABLE_KINDS = frozenset({"train"})
-
-
-class NoRunnerError(SpecError):
-    """The spec is valid but this version of zfatlas cannot run its kind."""
-
-
-def resolve_runner(kind: str) -> Callable[..., dict[str, Any]]:
-    target = RUNNERS.get(kind)
-    module_name, _, func = (target or "").partition(":")
-    try:
-        module = importlib.import_module(module_name) if target else None
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise  # the runner exists but one of its own imports is missing: a real error
-        module = None
-    if module is None or not hasattr(module, func):
-        raise NoRunnerError([f"kind: no runner for kind {kind!r} in this version"])
-    return getattr(module, func)
 
 
 # Set by Ray's job supervisor for the entrypoint of a job submitted through the Jobs API (our
@@ -80,34 +47,33 @@ def ray_submission_id() -> str | None:
 
 def run_location(spec: SpecBase, output: str | None = None) -> str:
     """Where ``spec``'s run lives (absolute path or s3:// URI of its folder)."""
-    store = Store.from_uri(output or spec.output, spec.endpoint_url)
-    return store.uri_of(store.run_prefix(spec.kind, spec_run_id(spec)))
+    store = open_store(output or spec.output, spec.endpoint_url)
+    return store.uri_of(run_prefix(spec.kind, spec_run_id(spec)))
 
 
 def run_spec(spec: SpecBase, *, output: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run ``spec`` (``output`` overrides ``spec.output``) and return its committed manifest; a run
     already committed is not run again and its manifest is returned as it is."""
-    kind = spec.kind
-    runner = resolve_runner(kind)  # before touching the store: an unknown kind writes nothing
+    kind = job_kind(spec.kind)  # before touching the store: an unknown kind writes nothing
     if output:
         try:
             parse_uri(output)
         except ValueError as exc:
             raise SpecError([f"output: {exc}"]) from None
         spec = spec.model_copy(update={"output": output})  # the manifest records where it went
-    store = Store.from_uri(spec.output, spec.endpoint_url)
+    store = open_store(spec.output, spec.endpoint_url)
     store.check()
     run_id = spec_run_id(spec)
-    run = store.begin_run(kind, run_id, keep_leftovers=kind in RESUMABLE_KINDS)
+    run = begin_run(store, kind.name, run_id, keep_leftovers=kind.resumable)
     if run.already_committed:
-        log.info("%s/%s is already committed at %s; nothing to do", kind, run_id, run.uri)
+        log.info("%s/%s is already committed at %s; nothing to do", kind.name, run_id, run.uri)
         return run.manifest or {}
 
-    log.info("running %s/%s into %s", kind, run_id, run.uri)
+    log.info("running %s/%s into %s", kind.name, run_id, run.uri)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     with run:
-        fields = dict(runner(spec, store, run, quiet=quiet) or {})
+        fields = dict(kind.execute(spec, run, quiet=quiet) or {})
         timings = dict(fields.pop("timings", None) or {})
         timings["total_s"] = round(time.perf_counter() - t0, 3)
         return run.commit(
@@ -115,12 +81,12 @@ def run_spec(spec: SpecBase, *, output: str | None = None, quiet: bool = False) 
                 **fields,
                 "spec": spec.model_dump(mode="json"),
                 "run_id": run_id,
-                "kind": kind,
+                "kind": kind.name,
                 "name": spec.name,
                 "started_at": started,
                 "timings": timings,
                 # Links the run to the Ray job that produced it (null when not run as a Ray job);
-                # the job's metadata holds the run id the other way round (jobs/submit.py).
+                # the job's metadata holds the run id the other way round (jobs/submission/submit.py).
                 "ray_job_id": ray_submission_id(),
             }
         )

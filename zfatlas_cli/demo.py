@@ -26,11 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from jobs.kinds import parse_spec
     from jobs.runner import run_spec
-    from jobs.spec import parse_spec
     from zfcore.data import ProceduralDataset
-    from zfcore.model import build
     from zfcore.training import fit_procedural
+    from zfcore.zfnet import build
 
     out = Path(args.output)
     checkpoint = out / "checkpoints" / f"demo-zfnet-small-e{args.epochs}-n{args.images}.pt"

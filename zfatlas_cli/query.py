@@ -81,9 +81,9 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 
 
 def _open_store(uri: str, endpoint_url: str | None) -> Store:
-    from jobs.store import Store
+    from jobs.store import open_store
 
-    return Store.from_uri(uri, endpoint_url)
+    return open_store(uri, endpoint_url)
 
 
 def _parse_since(text: str) -> datetime:
@@ -114,7 +114,7 @@ def _print_json_lines(rows: list[dict[str, Any]]) -> None:
 
 def _run(func: Any, args: argparse.Namespace) -> int:
     """Call ``func(args)``, mapping the errors a user can fix to exit 2 and store failures to 1."""
-    from jobs.query import QueryError
+    from jobs.results.query import QueryError
     from jobs.store import StoreError
 
     try:
@@ -129,7 +129,7 @@ def _run(func: Any, args: argparse.Namespace) -> int:
 
 def runs_list(args: argparse.Namespace) -> int:
     def body(args: argparse.Namespace) -> int:
-        from jobs.query import list_runs
+        from jobs.results.query import list_runs
 
         since = _parse_since(args.since) if args.since else None
         runs = list_runs(_open_store(args.store, args.endpoint_url), args.kind, since)
@@ -147,7 +147,7 @@ def runs_list(args: argparse.Namespace) -> int:
 
 def atlas_show(args: argparse.Namespace) -> int:
     def body(args: argparse.Namespace) -> int:
-        from jobs.query import AtlasReader
+        from jobs.results.query import AtlasReader
 
         reader = AtlasReader(_open_store(args.store, args.endpoint_url), args.run)
         rows = reader.channel(args.layer, args.channel).to_pylist()
@@ -167,7 +167,7 @@ def atlas_show(args: argparse.Namespace) -> int:
 
 def atlas_export(args: argparse.Namespace) -> int:
     def body(args: argparse.Namespace) -> int:
-        from jobs.query import AtlasReader
+        from jobs.results.query import AtlasReader
 
         reader = AtlasReader(_open_store(args.store, args.endpoint_url), args.run)
         result = reader.export_layer(args.layer, _open_store(args.out, args.endpoint_url))
@@ -180,8 +180,8 @@ def atlas_export(args: argparse.Namespace) -> int:
 
 def atlas_diff(args: argparse.Namespace) -> int:
     def body(args: argparse.Namespace) -> int:
-        from jobs.diff import diff_atlases, write_diff
-        from jobs.query import AtlasReader
+        from jobs.results.diff import diff_atlases, write_diff
+        from jobs.results.query import AtlasReader
         from jobs.store import store_for_file
 
         if args.limit < 0:
@@ -214,7 +214,7 @@ def atlas_diff(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from services.api.settings import Settings
+    from services.http.settings import Settings
 
     try:
         # Other settings (the token above all) come from ZFATLAS_API_* environment variables, never
@@ -226,13 +226,13 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(f"{where}: {first['msg']}")
     import uvicorn
 
-    from jobs.store import Store, StoreError
-    from services.api.app import create_app
+    from jobs.store import StoreError, open_store
+    from services.server import create_server
 
     try:
-        Store.from_uri(settings.store, settings.endpoint_url).check()  # bucket, credentials: fail now
+        open_store(settings.store, settings.endpoint_url).check()  # bucket, credentials: fail now
     except StoreError as exc:
         return _fail(str(exc).splitlines()[0], EXIT_FAILED)
-    app = create_app(settings)
+    app = create_server(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0

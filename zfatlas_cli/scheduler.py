@@ -132,7 +132,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from services.api.settings import Settings
+    from services.http.settings import Settings
     from services.scheduler.app import create_scheduler_app
     from services.scheduler.service import SchedulerService
 
@@ -163,7 +163,8 @@ def serve(args: argparse.Namespace) -> int:
 def add(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from jobs.spec import SpecError, apply_overrides, load_spec_dict
+    from jobs.specs.base import SpecError
+    from jobs.specs.loading import apply_overrides, load_spec_dict
     from services.scheduler.db import ScheduleExistsError
     from services.scheduler.model import RetryPolicy, ScheduleConfig
     from services.scheduler.template import check_template

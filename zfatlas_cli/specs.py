@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from jobs.spec import SpecBase
+    from jobs.specs.base import SpecBase
 
 log = logging.getLogger("zfatlas.specs")
 
@@ -48,9 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def load_spec_or_report(args: argparse.Namespace) -> SpecBase | None:
     """The spec named by args.spec (a path or - for stdin) with args.overrides applied, or None
     after printing one line per problem to stderr (the caller exits 2)."""
-    # jobs.spec (and through zfcore, torch) is imported only when a command runs: `zfatlas --help`
+    # jobs.kinds (and through zfcore, torch) is imported only when a command runs: `zfatlas --help`
     # and the other command groups stay fast.
-    from jobs.spec import SpecError, load_spec
+    from jobs.kinds import load_spec
+    from jobs.specs.base import SpecError
 
     source = sys.stdin.read() if args.spec == "-" else args.spec
     try:
@@ -64,7 +65,7 @@ def load_spec_or_report(args: argparse.Namespace) -> SpecBase | None:
 
 
 def validate(args: argparse.Namespace) -> int:
-    from jobs.spec import dump_yaml
+    from jobs.specs.loading import dump_yaml
 
     spec = load_spec_or_report(args)
     if spec is None:
@@ -74,8 +75,8 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def schema(args: argparse.Namespace) -> int:
-    from jobs.spec import SpecError
-    from jobs.spec import schema as json_schema
+    from jobs.kinds import schema as json_schema
+    from jobs.specs.base import SpecError
 
     try:
         doc = json_schema(args.kind)
@@ -88,7 +89,7 @@ def schema(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from jobs.runner import run_location, run_spec
-    from jobs.spec import SpecError
+    from jobs.specs.base import SpecError
     from jobs.store import StoreError
 
     spec = load_spec_or_report(args)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from zfatlas_cli.specs import EXIT_FAILED, EXIT_SPEC, load_spec_or_report
 
 if TYPE_CHECKING:
-    from jobs.ray_jobs import JobSummary
+    from jobs.submission.ray_jobs import JobSummary
 
 log = logging.getLogger("zfatlas.submit")
 
@@ -78,10 +78,10 @@ def _fail(exc: Exception) -> int:
 
 
 def submit(args: argparse.Namespace) -> int:
-    from jobs.ray_jobs import JobsAPIError, connect, job_info
-    from jobs.spec import SpecError
-    from jobs.submit import prepare
-    from jobs.submit import submit as submit_spec
+    from jobs.specs.base import SpecError
+    from jobs.submission.ray_jobs import JobsAPIError, job_info, jobs_client
+    from jobs.submission.submit import prepare
+    from jobs.submission.submit import submit as submit_spec
 
     spec = load_spec_or_report(args)
     if spec is None:
@@ -92,7 +92,7 @@ def submit(args: argparse.Namespace) -> int:
         print(f"output: {exc}", file=sys.stderr)
         return EXIT_SPEC
     try:
-        client = connect(args.address)
+        client = jobs_client(args.address)
         job_id = submit_spec(spec, output=args.output, client=client)
     except JobsAPIError as exc:
         return _fail(exc)
@@ -114,11 +114,11 @@ def _row(job: JobSummary) -> str:
 
 
 def list_jobs(args: argparse.Namespace) -> int:
-    from jobs.ray_jobs import JobsAPIError, connect
-    from jobs.ray_jobs import list_jobs as query
+    from jobs.submission.ray_jobs import JobsAPIError, jobs_client
+    from jobs.submission.ray_jobs import list_jobs as query
 
     try:
-        jobs = query(connect(args.address), zfatlas_only=not args.all)
+        jobs = query(jobs_client(args.address), zfatlas_only=not args.all)
     except JobsAPIError as exc:
         return _fail(exc)
     if args.json:
@@ -132,10 +132,10 @@ def list_jobs(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from jobs.ray_jobs import JobsAPIError, connect, job_info
+    from jobs.submission.ray_jobs import JobsAPIError, job_info, jobs_client
 
     try:
-        job = job_info(connect(args.address), args.job_id)
+        job = job_info(jobs_client(args.address), args.job_id)
     except JobsAPIError as exc:
         return _fail(exc)
     if args.json:
@@ -149,10 +149,10 @@ def status(args: argparse.Namespace) -> int:
 
 
 def logs(args: argparse.Namespace) -> int:
-    from jobs.ray_jobs import JobsAPIError, connect, follow_logs, job_logs
+    from jobs.submission.ray_jobs import JobsAPIError, follow_logs, job_logs, jobs_client
 
     try:
-        client = connect(args.address)
+        client = jobs_client(args.address)
         if args.follow:
             follow_logs(client, args.job_id, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
         else:
@@ -163,10 +163,10 @@ def logs(args: argparse.Namespace) -> int:
 
 
 def stop(args: argparse.Namespace) -> int:
-    from jobs.ray_jobs import JobsAPIError, connect, stop_job
+    from jobs.submission.ray_jobs import JobsAPIError, jobs_client, stop_job
 
     try:
-        stopped = stop_job(connect(args.address), args.job_id)
+        stopped = stop_job(jobs_client(args.address), args.job_id)
     except JobsAPIError as exc:
         return _fail(exc)
     print(f"{args.job_id} {'stopping' if stopped else 'already finished'}")

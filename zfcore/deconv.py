@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import ZFNet
+from .network import Network, as_network
 
 
 def unpool_adjoint(signal: torch.Tensor, switches: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
@@ -53,43 +53,45 @@ class Deconvolution(NamedTuple):
     positions: torch.Tensor  # (B, 2) (y, x) in the layer's map; zeros for fc layers
 
 
-def _forward_tape(model: ZFNet, images: torch.Tensor, layer: str) -> tuple[torch.Tensor, list[_Step]]:
+def _forward_tape(network: Network, images: torch.Tensor, layer: str) -> tuple[torch.Tensor, list[_Step]]:
     """Run the forward pass up to ``layer``'s activation, recording each op for the way down."""
-    target = model.activation_module(layer)
+    target = network.layer_module(layer)
+    chain = network.chain()
+    if chain is None:
+        raise ValueError(f"{type(network.module).__name__} is not a plain chain of modules")
     tape: list[_Step] = []
     x = images
-    for seq in (model.features, model.classifier):
-        for module in seq.children():
-            if isinstance(module, nn.Conv2d):
-                if module.groups != 1 or module.dilation != (1, 1):
-                    raise ValueError("deconvnet supports plain convolutions only")
-                tape.append(_Step("conv", module, x.shape))
-                x = module(x)
-            elif isinstance(module, nn.MaxPool2d):
-                shape = x.shape
-                x, switches = F.max_pool2d(
-                    x, module.kernel_size, module.stride, module.padding, module.dilation,
-                    ceil_mode=module.ceil_mode, return_indices=True,
-                )
-                tape.append(_Step("pool", module, shape, switches))
-            elif isinstance(module, nn.ReLU):
-                tape.append(_Step("relu"))
-                x = module(x)
-                if module is target:
-                    return x, tape
-            elif isinstance(module, nn.LocalResponseNorm):
-                x = module(x)  # skipped on the way down
-            elif isinstance(module, nn.Flatten):
-                tape.append(_Step("flatten", shape=x.shape))
-                x = module(x)
-            elif isinstance(module, nn.Linear):
-                tape.append(_Step("linear", module, x.shape))
-                x = module(x)
-            elif isinstance(module, nn.Dropout):
-                continue  # eval semantics: identity both ways
-            else:
-                raise ValueError(f"deconvnet does not know how to invert {type(module).__name__}")
-    raise KeyError(layer)  # pragma: no cover - activation_module already validated the name
+    for module in chain:
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1 or module.dilation != (1, 1):
+                raise ValueError("deconvnet supports plain convolutions only")
+            tape.append(_Step("conv", module, x.shape))
+            x = module(x)
+        elif isinstance(module, nn.MaxPool2d):
+            shape = x.shape
+            x, switches = F.max_pool2d(
+                x, module.kernel_size, module.stride, module.padding, module.dilation,
+                ceil_mode=module.ceil_mode, return_indices=True,
+            )
+            tape.append(_Step("pool", module, shape, switches))
+        elif isinstance(module, nn.ReLU):
+            tape.append(_Step("relu"))
+            x = module(x)
+        elif isinstance(module, nn.LocalResponseNorm):
+            x = module(x)  # skipped on the way down
+        elif isinstance(module, nn.Flatten):
+            tape.append(_Step("flatten", shape=x.shape))
+            x = module(x)
+        elif isinstance(module, nn.Linear):
+            tape.append(_Step("linear", module, x.shape))
+            x = module(x)
+        elif isinstance(module, nn.Dropout):
+            pass  # eval semantics: identity both ways
+        else:
+            raise ValueError(f"deconvnet does not know how to invert {type(module).__name__}")
+        if module is target:
+            return x, tape
+    raise KeyError(layer)  # pragma: no cover - layer_module already validated the name
 
 
 def _down(signal: torch.Tensor, tape: list[_Step]) -> torch.Tensor:
@@ -153,7 +155,7 @@ def _select(
 
 @torch.no_grad()
 def deconvolve(
-    model: ZFNet,
+    model: nn.Module | Network,
     images: torch.Tensor,
     layer: str,
     channels: torch.Tensor | list[int],
@@ -164,13 +166,13 @@ def deconvolve(
     images: (B, 3, H, W). positions: (B, 2) (y, x), or None for the strongest activation of the
     map. Works for conv and fc layers, on any device the model is on; one pass for the batch.
     """
-    acts, tape = _forward_tape(model, images, layer)
+    acts, tape = _forward_tape(as_network(model), images, layer)
     signal, values, pos = _select(acts, channels, positions)
     return Deconvolution(_down(signal, tape), values, pos)
 
 
 def project(
-    model: ZFNet,
+    model: nn.Module | Network,
     images: torch.Tensor,
     layer: str,
     channels: torch.Tensor | list[int],
@@ -189,7 +191,7 @@ def _identity_hook(module: nn.Module, grad_input: tuple, grad_output: tuple) -> 
 
 
 def project_autograd(
-    model: ZFNet,
+    model: nn.Module | Network,
     images: torch.Tensor,
     layer: str,
     channels: torch.Tensor | list[int],
@@ -200,7 +202,9 @@ def project_autograd(
 
     Hooks are always removed, even when the call fails.
     """
-    was_training = model.training
+    network = as_network(model)
+    module_ = network.module
+    was_training = module_.training
     handles: list[torch.utils.hooks.RemovableHandle] = []
     captured: dict[str, torch.Tensor] = {}
 
@@ -208,19 +212,19 @@ def project_autograd(
         captured["acts"] = output
 
     try:
-        model.eval()
+        module_.eval()
         hooks: list[tuple[type, Callable]] = [
             (nn.ReLU, _relu_signal_hook),
             (nn.LocalResponseNorm, _identity_hook),
         ]
-        for module in model.modules():
+        for module in module_.modules():
             for kind, hook in hooks:
                 if isinstance(module, kind):
                     handles.append(module.register_full_backward_hook(hook))
-        handles.append(model.activation_module(layer).register_forward_hook(keep))
+        handles.append(network.layer_module(layer).register_forward_hook(keep))
         x = images.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            model(x)
+            module_(x)
             acts = captured["acts"]
             signal, _, _ = _select(acts.detach(), channels, positions)
             # d/dx of sum_b value_b * a_b: each image's projection, scaled by its activation.
@@ -229,4 +233,4 @@ def project_autograd(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        module_.train(was_training)

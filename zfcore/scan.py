@@ -9,23 +9,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch import nn
 
-from .model import ZFNet
+from .network import Network, as_network
 from .topk import TopKTracker
 
 
-def layer_shapes(model: ZFNet, layers: list[str], image_size: int) -> dict[str, tuple[int, int, int]]:
-    """(channels, height, width) of each layer's activation for a square input; (F, 1, 1) for fc."""
-    param = next(model.parameters())
-    with torch.no_grad():
-        probe = torch.zeros(1, model.config.in_channels, image_size, image_size, device=param.device)
-        acts = model.forward_features(probe, layers)
-    return {n: (a.shape[1], *(a.shape[2:] if a.ndim == 4 else (1, 1))) for n, a in acts.items()}
+def layer_shapes(
+    model: nn.Module | Network, layers: list[str], image_size: int
+) -> dict[str, tuple[int, int, int]]:
+    """(channels, height, width) of each layer's activation for a square input; (F, 1, 1) for
+    vector layers."""
+    info = as_network(model).layers(image_size)
+    return {name: info[name].shape for name in layers}
 
 
 @torch.no_grad()
 def scan_batches(
-    model: ZFNet,
+    model: nn.Module | Network,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     layers: list[str],
     k: int = 9,
@@ -34,14 +35,15 @@ def scan_batches(
 ) -> TopKTracker:
     """Feed (images (B, 3, H, W), global image indices (B,)) batches through ``model`` once each,
     tracking the top-k of every channel of ``layers`` from that single forward pass."""
+    network = as_network(model)
     for images, indices in batches:
         if tracker is None:
-            tracker = TopKTracker(layer_shapes(model, layers, images.shape[-1]), k, images.device)
+            tracker = TopKTracker(layer_shapes(network, layers, images.shape[-1]), k, images.device)
         if autocast_dtype is None:
-            acts = model.forward_features(images, layers)
+            acts = network.features(images, layers)
         else:
             with torch.autocast(images.device.type, dtype=autocast_dtype):
-                acts = model.forward_features(images, layers)
+                acts = network.features(images, layers)
         tracker.update(acts, indices)
     if tracker is None:
         raise ValueError("no batches to scan")

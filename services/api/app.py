@@ -1,5 +1,6 @@
-"""The FastAPI application: JSON endpoints over the artifact store, streamed images, the web atlas
-viewer at ``/``, and the scheduler's submit/schedule endpoints when that package is installed.
+"""The FastAPI application: JSON endpoints over the artifact store, streamed images and the web
+atlas viewer at ``/``; other services' routers (the scheduler's submit/schedule endpoints) are
+mounted by whoever composes the server (:mod:`services.server`).
 
 Build it with :func:`create_app`; ``zfatlas serve`` runs it under uvicorn. The OpenAPI document is
 at ``/openapi.json`` (interactive docs at ``/docs``).
@@ -7,28 +8,24 @@ at ``/openapi.json`` (interactive docs at ``/docs``).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from jobs.store import Store
+from jobs.store import Store, open_store
 from services.api import errors
 from services.api.catalog import Catalog
-from services.api.limits import BodySizeLimit
 from services.api.routes import atlas, diffs, images, runs
-from services.api.settings import Settings
+from services.http.limits import BodySizeLimit
+from services.http.settings import Settings
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-# The scheduler service (its own package) exposes its HTTP endpoints as an APIRouter here.
-SCHEDULER_MODULE = "services.scheduler.http"
-
 DESCRIPTION = """\
 Query the zfatlas artifact store: committed runs, feature atlases (every channel's top-k images,
 projections and receptive boxes), diffs between two atlases, and the PNGs themselves.
@@ -46,29 +43,14 @@ TAGS = [
 ]
 
 
-def scheduler_router(module_name: str = SCHEDULER_MODULE) -> APIRouter | None:
-    """The ``router`` of ``module_name`` if that module exists, else None. A module that exists
-    but fails to import, or has no ``router``, is an error (never silently skipped)."""
-    parent = module_name.rpartition(".")[0]
-    if parent and importlib.util.find_spec(parent) is None:
-        return None
-    if importlib.util.find_spec(module_name) is None:
-        return None
-    module = importlib.import_module(module_name)
-    router = getattr(module, "router", None)
-    if not isinstance(router, APIRouter):
-        raise RuntimeError(f"{module_name} must define `router`, a fastapi.APIRouter")
-    return router
-
-
 def create_app(
-    settings: Settings | None = None, *, store: Store | None = None, scheduler_module: str = SCHEDULER_MODULE
+    settings: Settings | None = None, *, store: Store | None = None, routers: Sequence[APIRouter] = ()
 ) -> FastAPI:
     """The app for ``settings`` (default: from ``ZFATLAS_API_*`` environment variables).
-    ``store`` overrides the store the settings name; ``scheduler_module`` names the module whose
-    ``router`` (submit/schedule endpoints) is mounted when it exists."""
+    ``store`` overrides the store the settings name; ``routers`` are mounted too (their endpoints
+    see the same settings, so the same token rules)."""
     settings = settings or Settings()
-    store = store or Store.from_uri(settings.store, settings.endpoint_url)
+    store = store or open_store(settings.store, settings.endpoint_url)
     app = FastAPI(
         title="zfatlas",
         version="1",
@@ -84,10 +66,8 @@ def create_app(
     app.include_router(atlas.router(settings))
     app.include_router(diffs.router(settings))
     app.include_router(images.router())
-    scheduler = scheduler_router(scheduler_module)
-    if scheduler is not None:
-        app.include_router(scheduler)
-        log.info("scheduler endpoints mounted from %s", scheduler_module)
+    for router in routers:
+        app.include_router(router)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

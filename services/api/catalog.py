@@ -14,8 +14,8 @@ from typing import Any, Generic, TypeVar
 
 import pyarrow.fs as pafs
 
-from jobs.diff import AtlasDiff, diff_atlases
-from jobs.query import AtlasReader
+from jobs.results.diff import AtlasDiff, diff_atlases
+from jobs.results.query import AtlasReader
 from jobs.store import MANIFEST, Store, check_key
 
 K = TypeVar("K")
@@ -74,11 +74,7 @@ class Catalog:
         """The dataset the atlas was built from (``jobs.datasets.ImageSource``), opened lazily."""
 
         def build() -> Any:
-            from jobs.datasets import open_dataset  # imports torch: only when a source is asked for
-            from jobs.spec import AtlasSpec
-
-            spec = AtlasSpec.model_validate(self.reader(run_id).manifest["spec"])
-            return open_dataset(spec.dataset, spec.image_size, spec.endpoint_url or self._endpoint())
+            return _source_of(self.reader(run_id).manifest, self._endpoint())
 
         return self._sources.get(run_id, build)
 
@@ -102,3 +98,19 @@ class Catalog:
         if info.type != pafs.FileType.File:
             raise FileNotFoundError(key)
         return self.filesystem.open_input_stream(path), int(info.size)
+
+
+def _source_of(manifest: dict[str, Any], endpoint_url: str | None) -> Any:
+    """The dataset a committed atlas read, from its manifest as it was written: only the fields
+    today's DatasetSpec knows are used, so a spec change never stops the viewer opening an old run."""
+    from jobs.datasets import open_dataset  # imports torch: only when a source is asked for
+    from jobs.specs.base import DatasetSpec
+    from zfcore import architectures
+
+    spec = manifest.get("spec") or {}
+    raw = spec.get("dataset") or {}
+    dataset = DatasetSpec.model_validate({k: v for k, v in raw.items() if k in DatasetSpec.model_fields})
+    size = manifest.get("image_size") or dataset.image_size
+    if size is None:
+        size = architectures.get((spec.get("model") or {}).get("variant", "")).image_size
+    return open_dataset(dataset, int(size), spec.get("endpoint_url") or endpoint_url)

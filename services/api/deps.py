@@ -10,9 +10,9 @@ from urllib.parse import quote
 from fastapi import HTTPException, Query, Request, status
 
 from jobs.store import check_key
+from services.api.bodies import Page
 from services.api.catalog import Catalog
-from services.api.models import Page
-from services.api.settings import Settings
+from services.http.settings import Settings
 
 T = TypeVar("T")
 # Path parameters naming runs and layers: letters, digits, '.', '-', '_' (what run ids may hold);

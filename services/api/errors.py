@@ -7,7 +7,7 @@ import logging
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
-from jobs.query import QueryError, UnknownChannelError, UnknownLayerError, UnknownRunError
+from jobs.results.query import QueryError, UnknownChannelError, UnknownLayerError, UnknownRunError
 from jobs.store import MissingKeyError, StoreError
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.api.settings import Settings
+from services.http.settings import Settings
 from services.scheduler.http import router
 from services.scheduler.service import SchedulerService
 

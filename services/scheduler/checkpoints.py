@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 import pyarrow.fs as pafs
 
-from jobs.store import Store, StoreError
+from jobs.store import StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class CheckpointNotFoundError(StoreError):
 def newest_checkpoint(prefix: str, endpoint_url: str | None = None) -> str:
     """Path or ``s3://`` URI of the newest ``.pt``/``.pth``/``.ckpt`` file under ``prefix``
     (latest modification time; ties go to the last key in sort order)."""
-    store = Store.from_uri(prefix, endpoint_url)
+    store = open_store(prefix, endpoint_url)
     filesystem, base = store.arrow_filesystem()
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))

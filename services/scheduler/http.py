@@ -1,11 +1,11 @@
-"""HTTP endpoints for submission and schedules: ``router``, mounted by the API app
-(:func:`services.api.app.create_app`) and by ``zfatlas scheduler serve``.
+"""HTTP endpoints for submission and schedules: ``router``, mounted in ``zfatlas serve``'s server
+(:func:`services.server.create_server`) and by ``zfatlas scheduler serve``.
 
 - ``/api/jobs``: submit a spec to the Ray cluster, list jobs, one job's status, logs, stop.
 - ``/api/schedules``: add, list (with next fire times), pause, resume, remove, history.
 
-Mutating endpoints need the API's bearer token (:func:`services.api.security.require_token`);
-reads follow :func:`services.api.security.require_read_access` (open on loopback). The database
+Mutating endpoints need the API's bearer token (:func:`services.http.security.require_token`);
+reads follow :func:`services.http.security.require_read_access` (open on loopback). The database
 and the cluster come from ``app.state.scheduler`` (a :class:`SchedulerService`), created from the
 ``ZFATLAS_SCHEDULER_*`` environment on first use when the app has none.
 """
@@ -19,10 +19,20 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from jobs.ray_jobs import JobNotFoundError, JobsAPIError, connect, job_info, job_logs, list_jobs, stop_job
-from jobs.spec import SpecError, apply_overrides, parse_spec, spec_run_id
-from jobs.submit import prepare, submit
-from services.api.security import require_read_access, require_token
+from jobs.kinds import parse_spec
+from jobs.specs.base import SpecError
+from jobs.specs.loading import apply_overrides, spec_run_id
+from jobs.submission.ray_jobs import (
+    JobNotFoundError,
+    JobsAPIError,
+    job_info,
+    job_logs,
+    jobs_client,
+    list_jobs,
+    stop_job,
+)
+from jobs.submission.submit import prepare, submit
+from services.http.security import require_read_access, require_token
 from services.scheduler.db import ScheduleExistsError, ScheduleNotFoundError
 from services.scheduler.model import ScheduleConfig
 from services.scheduler.service import SchedulerService
@@ -103,7 +113,7 @@ def jobs(
     _: None = Depends(require_read_access),
 ) -> list[dict[str, Any]]:
     try:
-        return [j.to_dict() for j in list_jobs(connect(service.address), zfatlas_only=not all_jobs)]
+        return [j.to_dict() for j in list_jobs(jobs_client(service.address), zfatlas_only=not all_jobs)]
     except JobsAPIError as exc:
         raise _cluster_error(exc) from None
 
@@ -115,7 +125,7 @@ def job(
     _: None = Depends(require_read_access),
 ) -> dict[str, Any]:
     try:
-        return job_info(connect(service.address), job_id).to_dict()
+        return job_info(jobs_client(service.address), job_id).to_dict()
     except JobsAPIError as exc:
         raise _cluster_error(exc) from None
 
@@ -127,7 +137,7 @@ def logs(
     _: None = Depends(require_read_access),
 ) -> dict[str, str]:
     try:
-        return {"job_id": job_id, "logs": job_logs(connect(service.address), job_id)}
+        return {"job_id": job_id, "logs": job_logs(jobs_client(service.address), job_id)}
     except JobsAPIError as exc:
         raise _cluster_error(exc) from None
 
@@ -139,7 +149,7 @@ def stop(
     job_id: str = Path(..., pattern=_JOB_ID), service: SchedulerService = Depends(scheduler_service)
 ) -> dict[str, Any]:
     try:
-        return {"job_id": job_id, "stopped": stop_job(connect(service.address), job_id)}
+        return {"job_id": job_id, "stopped": stop_job(jobs_client(service.address), job_id)}
     except JobsAPIError as exc:
         raise _cluster_error(exc) from None
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jobs.spec import SpecError
+from jobs.specs.base import SpecError
 from services.scheduler import cron
 from services.scheduler.template import check_template
 

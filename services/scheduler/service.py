@@ -14,7 +14,7 @@ import threading
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobs.ray_jobs import resolve_address
+from jobs.submission.ray_jobs import resolve_address
 from services.scheduler.clock import SystemClock
 from services.scheduler.db import ScheduleDB
 from services.scheduler.scheduler import Scheduler

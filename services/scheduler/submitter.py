@@ -11,17 +11,17 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from jobs.ray_jobs import (
+from jobs.specs.base import SpecBase
+from jobs.submission.ray_jobs import (
     JobNotFoundError,
     JobsAPIError,
     JobSummary,
-    connect,
     job_info,
+    jobs_client,
     resolve_address,
     stop_job,
 )
-from jobs.spec import SpecBase
-from jobs.submit import AlreadySubmittedError, submit
+from jobs.submission.submit import AlreadySubmittedError, submit
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -69,7 +69,7 @@ class RayJobsSubmitter:
     def _call(self, action_name: str, job_id: str, action: Callable[[JobSubmissionClient], T]) -> T:
         with self._lock:
             if self._client is None:
-                self._client = connect(self.address)
+                self._client = jobs_client(self.address)
             client = self._client
         try:
             return action(client)

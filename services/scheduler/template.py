@@ -12,7 +12,8 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-from jobs.spec import SpecBase, SpecError, parse_spec
+from jobs.kinds import parse_spec
+from jobs.specs.base import SpecBase, SpecError
 from jobs.uris import parse_uri
 from services.scheduler.checkpoints import newest_checkpoint
 

@@ -19,7 +19,7 @@ import pytest
 import ray.autoscaler
 import yaml
 
-from jobs.spec import load_spec
+from jobs.kinds import load_spec
 from services.scheduler.cron import check_cron, zone
 from zfatlas_cli.main import build_parser
 

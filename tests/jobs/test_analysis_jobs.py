@@ -14,21 +14,16 @@ import ray
 import torch
 from PIL import Image
 
-from jobs.analysis import (
-    CORRESPONDENCE_SCHEMA,
-    INVARIANCE_DISTANCES_SCHEMA,
-    INVARIANCE_PROBABILITIES_SCHEMA,
-    OCCLUSION_IMAGES_SCHEMA,
-    OCCLUSION_POSITIONS_SCHEMA,
-    PROBE_SCORES_SCHEMA,
-    PROBE_TABLE_SCHEMA,
-    fill_value,
-)
-from jobs.store import Store
+from jobs.analyses.correspondence.tables import CORRESPONDENCE_SCHEMA
+from jobs.analyses.invariance.tables import INVARIANCE_DISTANCES_SCHEMA, INVARIANCE_PROBABILITIES_SCHEMA
+from jobs.analyses.occlusion.tables import OCCLUSION_IMAGES_SCHEMA, OCCLUSION_POSITIONS_SCHEMA
+from jobs.analyses.occlusion.work import fill_value
+from jobs.analyses.probe.tables import PROBE_SCORES_SCHEMA, PROBE_TABLE_SCHEMA
+from jobs.store import Store, committed_runs, open_store
 from zfatlas_cli.main import main
-from zfcore.correspondence import correspondence
+from zfcore.analyses.correspondence import correspondence
+from zfcore.analyses.occlusion import occlusion_sensitivity
 from zfcore.data import ProceduralDataset, to_tensor
-from zfcore.occlusion import occlusion_sensitivity
 
 pytestmark = pytest.mark.ray
 
@@ -58,8 +53,8 @@ def run_example(kind: str, checkpoint: str, out: Path, *overrides: str) -> tuple
     for s in sets:
         argv += ["--set", s]
     assert main(argv) == 0
-    store = Store.from_uri(str(out))
-    (manifest,) = store.list_runs(kind)
+    store = open_store(str(out))
+    (manifest,) = committed_runs(store, kind)
     return manifest, store, f"{kind}/{manifest['run_id']}"
 
 
@@ -180,12 +175,12 @@ def test_occlusion_on_the_loopback_cluster_one_worker_per_gpu_into_s3(ray_cluste
     for s in ("images=6", "stride=8", "resources.workers=8", f"endpoint_url={s3_endpoint}"):
         argv += ["--set", s]
     assert main(argv) == 0  # zfatlas run uses the session's cluster, already connected
-    (manifest,) = Store.from_uri(output, s3_endpoint).list_runs("occlusion")
+    (manifest,) = committed_runs(open_store(output, s3_endpoint), "occlusion")
     workers = manifest["workers"]
     assert len(workers) == ray_cluster.gpus == 3  # capped at one per GPU, not the 8 asked for
     assert len({(w["node_id"], tuple(w["gpu_ids"])) for w in workers}) == 3
     assert all(len(w["gpu_ids"]) == 1 for w in workers)
-    store = Store.from_uri(f"s3://{s3_bucket}/runs", s3_endpoint)
+    store = open_store(f"s3://{s3_bucket}/runs", s3_endpoint)
     images = read_table(store, f"occlusion/{manifest['run_id']}/images.parquet")
     assert images.column("image_index").to_pylist() == list(range(6))
     assert store.exists(images.column("figure_key")[0].as_py())
@@ -211,4 +206,4 @@ def test_bad_specs_exit_2(kind, override, message, tmp_path, capsys):
         argv += ["--set", o]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
-    assert not Store.from_uri(str(tmp_path)).list_runs()
+    assert not committed_runs(open_store(str(tmp_path)))

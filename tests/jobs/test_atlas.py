@@ -16,11 +16,11 @@ import ray
 import torch
 from PIL import Image
 
-from jobs.atlas import FEATURES_SCHEMA, PROJECTIONS_SCHEMA
+from jobs.atlas.tables import FEATURES_SCHEMA, PROJECTIONS_SCHEMA
 from jobs.datasets import shard_ranges
+from jobs.kinds import parse_spec
 from jobs.runner import run_spec
-from jobs.spec import parse_spec
-from jobs.store import Store
+from jobs.store import committed_runs, open_store
 from zfcore.data import ProceduralDataset, to_tensor
 from zfcore.receptive import receptive_box
 from zfcore.scan import scan_batches
@@ -73,7 +73,7 @@ def cluster_atlas(ray_cluster, trained_small, tmp_path_factory):
     model, _, checkpoint = trained_small
     out = tmp_path_factory.mktemp("atlas-store")
     manifest = run_spec(atlas_spec(checkpoint, str(out), "e2e", layers=LAYERS), quiet=True)
-    return manifest, Store.from_uri(str(out)), model
+    return manifest, open_store(str(out)), model
 
 
 def test_one_worker_per_gpu_each_on_its_own_gpu(cluster_atlas, ray_cluster):
@@ -149,7 +149,7 @@ def test_fault_a_killed_worker_changes_nothing(cluster_atlas, trained_small, tmp
     thread.join(timeout=600)
     assert "manifest" in result, "the job did not finish after losing a worker"
     assert result["manifest"]["workers_lost"] == 1
-    faulty_store = Store.from_uri(str(tmp_path))
+    faulty_store = open_store(str(tmp_path))
     faulty = pq.read_table(io.BytesIO(faulty_store.get_bytes("atlas/fault/features.parquet")))
     clean = pq.read_table(io.BytesIO(store.get_bytes("atlas/e2e/features.parquet")))
     keys = ["layer", "channel", "rank", "image_index", "y", "x", "label"]
@@ -164,8 +164,8 @@ def test_results_land_in_s3_too(ray_cluster, trained_small, s3_bucket, s3_endpoi
     spec = atlas_spec(checkpoint, f"{bucket_uri}/atlases", "s3run", layers=FAST_LAYERS,
                       endpoint_url=endpoint)
     manifest = run_spec(spec, quiet=True)
-    store = Store.from_uri(f"{bucket_uri}/atlases", endpoint)
-    assert [r["run_id"] for r in store.list_runs("atlas")] == ["s3run"]
+    store = open_store(f"{bucket_uri}/atlases", endpoint)
+    assert [r["run_id"] for r in committed_runs(store, "atlas")] == ["s3run"]
     table = pq.read_table(io.BytesIO(store.get_bytes("atlas/s3run/features.parquet")))
     assert table.num_rows == 9 * (32 + 64) == manifest["features_rows"]
     assert store.exists(table.column("projection_key")[0].as_py())
@@ -176,7 +176,7 @@ def test_same_spec_twice_is_one_committed_run(cluster_atlas, trained_small):
     _, _, checkpoint = trained_small
     again = run_spec(atlas_spec(checkpoint, store.uri_of(""), "e2e", layers=LAYERS), quiet=True)
     assert again["committed_at"] == manifest["committed_at"]
-    assert [r["run_id"] for r in store.list_runs("atlas")] == ["e2e"]
+    assert [r["run_id"] for r in committed_runs(store, "atlas")] == ["e2e"]
 
 
 def test_fc_layer_atlas_of_a_randomly_initialized_model(ray_cluster, tmp_path):
@@ -208,7 +208,7 @@ def test_cli_run_starts_a_local_ray_when_no_address_is_set(tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = Store.from_uri(str(tmp_path)).list_runs("atlas")
+    runs = committed_runs(open_store(str(tmp_path)), "atlas")
     assert len(runs) == 1
     assert str(tmp_path) in proc.stdout
     table = pq.read_table(tmp_path / "atlas" / runs[0]["run_id"] / "features.parquet")

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from jobs.datasets import ImageFolderSource, ParquetSource, decode_image, open_dataset, shard_ranges
-from jobs.spec import DatasetSpec
+from jobs.specs.base import DatasetSpec
 from zfcore.data import ProceduralDataset
 
 

@@ -1,4 +1,4 @@
-"""jobs.diff on synthetic atlases whose differences are known exactly, and on two real atlases."""
+"""jobs.results.diff on synthetic atlases whose differences are known exactly, and on two real atlases."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.diff import DIFF_SCHEMA, DiffError, diff_atlases, write_diff
-from jobs.query import AtlasReader
-from jobs.store import Store
+from jobs.results.diff import DIFF_SCHEMA, DiffError, diff_atlases, write_diff
+from jobs.results.query import AtlasReader
+from jobs.store import Store, open_store
 from tests.fixtures.synthetic_atlas import feature_row, synthetic_rows, write_atlas
 
 
@@ -29,7 +29,7 @@ def pair(tmp_path) -> tuple[Store, dict]:
     """Atlas "a" and atlas "b" = a with known changes:
     conv1#0 unchanged; conv1#1 five of nine images replaced and top activation x1.5;
     conv1#2 died (all activations 0); conv5#3 born (0 in a); conv5#4 dead in both."""
-    store = Store.from_uri(str(tmp_path))
+    store = open_store(str(tmp_path))
     a = synthetic_rows("a")
     rng = random.Random(5)
     for r in a:
@@ -83,7 +83,7 @@ def test_diff_of_one_layer_and_written_through_the_store(pair, s3_endpoint, s3_b
     store, _ = pair
     diff = diff_atlases(AtlasReader(store, "a"), AtlasReader(store, "b"), ["conv5"])
     assert diff.layers == ["conv5"] and diff.table.num_rows == 6
-    for out in (store, Store.from_uri(f"s3://{s3_bucket}/reports", s3_endpoint)):
+    for out in (store, open_store(f"s3://{s3_bucket}/reports", s3_endpoint)):
         where = write_diff(diff, out, "diffs/a--b.parquet")
         assert where.endswith("diffs/a--b.parquet")
         table = pq.read_table(io.BytesIO(out.get_bytes("diffs/a--b.parquet")))
@@ -95,7 +95,7 @@ def test_diff_of_one_layer_and_written_through_the_store(pair, s3_endpoint, s3_b
 
 
 def test_incomparable_atlases_are_refused(tmp_path):
-    store = Store.from_uri(str(tmp_path))
+    store = open_store(str(tmp_path))
     write_atlas(store, "small", synthetic_rows("small"), images=False)
     write_atlas(store, "other", synthetic_rows("other"), images=False, variant="zfnet")
     write_atlas(store, "wider", synthetic_rows("wider", {"conv1": 5}), images=False)
@@ -109,7 +109,7 @@ def test_incomparable_atlases_are_refused(tmp_path):
         diff_atlases(small, AtlasReader(store, "deep"))
     with pytest.raises(DiffError, match="not in both"):
         diff_atlases(small, small, ["conv2"])
-    narrow = Store.from_uri(str(tmp_path))
+    narrow = open_store(str(tmp_path))
     write_atlas(narrow, "conv1-only", synthetic_rows("conv1-only", {"conv1": 4}), images=False)
     diff = diff_atlases(small, AtlasReader(narrow, "conv1-only"))
     assert diff.layers == ["conv1"] and "conv5" in diff.warnings[0]
@@ -117,7 +117,7 @@ def test_incomparable_atlases_are_refused(tmp_path):
 
 @pytest.mark.ray
 def test_diff_of_real_atlases_before_and_after_training(real_atlases):
-    store = Store.from_uri(real_atlases.store)
+    store = open_store(real_atlases.store)
     before, after = AtlasReader(store, real_atlases.before), AtlasReader(store, real_atlases.after)
     same = diff_atlases(before, before)
     assert set(same.table.column("shared_topk").to_pylist()) == {9}

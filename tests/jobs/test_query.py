@@ -1,4 +1,4 @@
-"""jobs.query on synthetic atlases (exact rows) in both store backends, and the bytes a one-channel
+"""jobs.results.query on synthetic atlases (exact rows) in both store backends, and the bytes a one-channel
 query really reads from a large atlas whose features table has several row groups."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.fs_counting import CountingFileSystem
-from jobs.query import (
+from jobs.results.query import (
     AtlasReader,
     QueryError,
     UnknownChannelError,
@@ -19,7 +18,8 @@ from jobs.query import (
     UnknownRunError,
     list_runs,
 )
-from jobs.store import Store
+from jobs.store import Store, begin_run, open_store
+from tests.fixtures.counting_fs import CountingFileSystem
 from tests.fixtures.synthetic_atlas import synthetic_rows, write_atlas
 
 # A "large" atlas: 5 layers x 256 channels x top-9, cut into row groups of 32 channels each (how
@@ -31,10 +31,10 @@ BIG_ROW_GROUP = 9 * 32
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path) -> Store:
     if request.param == "local":
-        return Store.from_uri(str(tmp_path / "store"))
+        return open_store(str(tmp_path / "store"))
     endpoint = request.getfixturevalue("s3_endpoint")
     bucket = request.getfixturevalue("s3_bucket")
-    return Store.from_uri(f"s3://{bucket}/artifacts", endpoint)
+    return open_store(f"s3://{bucket}/artifacts", endpoint)
 
 
 def test_channel_layers_and_tiles(store):
@@ -74,7 +74,7 @@ def test_unknown_things_are_query_errors(store):
 
 
 def test_uncommitted_runs_are_invisible(store):
-    run = store.begin_run("atlas", "half")
+    run = begin_run(store, "atlas", "half")
     run.put_bytes("features.parquet", b"not yet")
     with pytest.raises(UnknownRunError):
         AtlasReader(store, "half")
@@ -82,9 +82,9 @@ def test_uncommitted_runs_are_invisible(store):
 
 
 def test_list_runs_filters_by_kind_and_time(tmp_path):
-    store = Store.from_uri(str(tmp_path))
+    store = open_store(str(tmp_path))
     write_atlas(store, "old", synthetic_rows("old"), images=False)
-    store.begin_run("train", "t1").commit({"name": "t1"})
+    begin_run(store, "train", "t1").commit({"name": "t1"})
     assert [r["run_id"] for r in list_runs(store)] == ["old", "t1"]
     assert [r["run_id"] for r in list_runs(store, "atlas")] == ["old"]
     summary = list_runs(store, "atlas")[0]
@@ -96,9 +96,9 @@ def test_list_runs_filters_by_kind_and_time(tmp_path):
 
 
 def test_export_layer_is_self_contained(tmp_path):
-    store = Store.from_uri(str(tmp_path / "store"))
+    store = open_store(str(tmp_path / "store"))
     write_atlas(store, "ex", synthetic_rows("ex"))
-    out = Store.from_uri(str(tmp_path / "export"))
+    out = open_store(str(tmp_path / "export"))
     result = AtlasReader(store, "ex").export_layer("conv1", out)
     table = pq.read_table(tmp_path / "export" / "features.parquet")
     assert result.rows == table.num_rows == 4 * 9

@@ -9,17 +9,21 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs import runner as runner_module
-from jobs.runner import NoRunnerError, resolve_runner, run_location, run_spec
-from jobs.spec import ProbeSpec, SpecError, parse_spec, spec_run_id
-from jobs.store import RunWriter, Store
+from jobs import kinds
+from jobs.analyses.probe.spec import ProbeSpec
+from jobs.kinds import parse_spec
+from jobs.runner import run_location, run_spec
+from jobs.specs.base import SpecError
+from jobs.specs.kind import JobKind
+from jobs.specs.loading import spec_run_id
+from jobs.store import RunWriter, committed_runs, open_store
 from zfatlas_cli.main import main
 
 CALLS: list[str] = []
 SCHEMA = pa.schema([pa.field("i", pa.int64(), nullable=False)])
 
 
-def fake_runner(spec: ProbeSpec, store: Store, run: RunWriter, *, quiet: bool) -> dict[str, Any]:
+def fake_runner(spec: ProbeSpec, run: RunWriter, *, quiet: bool) -> dict[str, Any]:
     CALLS.append(run.run_id)
     for i in range(4):
         if spec.seed == 13 and i == 2:
@@ -32,7 +36,7 @@ def fake_runner(spec: ProbeSpec, store: Store, run: RunWriter, *, quiet: bool) -
 @pytest.fixture(autouse=True)
 def fake_kind(monkeypatch: pytest.MonkeyPatch) -> None:
     CALLS.clear()
-    monkeypatch.setitem(runner_module.RUNNERS, "probe", f"{__name__}:fake_runner")
+    monkeypatch.setitem(kinds.KINDS, "probe", JobKind("probe", ProbeSpec, fake_runner))
 
 
 def _spec(tmp_path: Path, **fields: Any) -> ProbeSpec:
@@ -50,8 +54,8 @@ def test_runs_commits_and_then_noops(tmp_path: Path) -> None:
 
     assert run_spec(spec) == manifest
     assert [spec_run_id(spec)] == CALLS  # the second call did not run the job
-    store = Store.from_uri(spec.output)
-    assert [r["run_id"] for r in store.list_runs("probe")] == [spec_run_id(spec)]
+    store = open_store(spec.output)
+    assert [r["run_id"] for r in committed_runs(store, "probe")] == [spec_run_id(spec)]
     assert run_location(spec) == str(tmp_path / "store" / "probe" / spec_run_id(spec))
 
 
@@ -59,8 +63,8 @@ def test_failed_runner_leaves_nothing_visible_and_rerun_commits_once(tmp_path: P
     spec = _spec(tmp_path, seed=13, run_id="fixed")
     with pytest.raises(RuntimeError, match="worker lost"):
         run_spec(spec)
-    store = Store.from_uri(spec.output)
-    assert store.list_runs() == [] and len(store.list_keys("probe/fixed/")) == 2
+    store = open_store(spec.output)
+    assert committed_runs(store) == [] and len(store.list_keys("probe/fixed/")) == 2
 
     fixed = spec.model_copy(update={"seed": 0})  # same run id: the retry replaces the leftovers
     manifest = run_spec(fixed)
@@ -69,12 +73,12 @@ def test_failed_runner_leaves_nothing_visible_and_rerun_commits_once(tmp_path: P
         [f"probe/fixed/img/{i}.png" for i in range(4)]
         + ["probe/fixed/manifest.json", "probe/fixed/t.parquet"]
     )
-    assert len(store.list_runs()) == 1
+    assert len(committed_runs(store)) == 1
 
 
-def resuming_runner(spec: Any, store: Store, run: RunWriter, *, quiet: bool) -> dict[str, Any]:
+def resuming_runner(spec: Any, run: RunWriter, *, quiet: bool) -> dict[str, Any]:
     CALLS.append(run.run_id)
-    found = store.exists(run.key("checkpoints/epoch-0001.pt"))
+    found = run.store.exists(run.key("checkpoints/epoch-0001.pt"))
     run.put_bytes("checkpoints/epoch-0001.pt", b"state")
     if len(CALLS) == 1:
         raise RuntimeError("crashed after the first checkpoint")
@@ -82,8 +86,9 @@ def resuming_runner(spec: Any, store: Store, run: RunWriter, *, quiet: bool) -> 
 
 
 def test_resumable_kind_gets_its_leftovers_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(runner_module.RUNNERS, "train", f"{__name__}:resuming_runner")
-    assert "train" in runner_module.RESUMABLE_KINDS
+    train = kinds.KINDS["train"]
+    assert train.resumable
+    monkeypatch.setitem(kinds.KINDS, "train", JobKind("train", train.spec, resuming_runner, resumable=True))
     spec = parse_spec({"kind": "train", "name": "t", "output": str(tmp_path), "run_id": "t1"})
     with pytest.raises(RuntimeError, match="crashed"):
         run_spec(spec)
@@ -96,24 +101,23 @@ def test_output_override_is_used_and_recorded(tmp_path: Path) -> None:
     other = tmp_path / "elsewhere"
     manifest = run_spec(spec, output=str(other))
     assert manifest["spec"]["output"] == str(other)
-    assert Store.from_uri(str(other)).list_runs()[0]["run_id"] == spec_run_id(spec)
+    assert committed_runs(open_store(str(other)))[0]["run_id"] == spec_run_id(spec)
     assert not (tmp_path / "store").exists()
     with pytest.raises(SpecError, match="output: unsupported URI scheme"):
         run_spec(spec, output="ftp://x/y")
 
 
-def test_kinds_without_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(runner_module.RUNNERS, "train")  # as in a build without the trainer
-    with pytest.raises(NoRunnerError, match="no runner for kind 'train' in this version"):
-        run_spec(parse_spec({"kind": "train", "name": "t", "output": str(tmp_path)}))
+def test_one_table_of_kinds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = ["train", "atlas", "occlusion", "invariance", "correspondence", "probe"]
+    assert list(kinds.KINDS) == names
+    for name, kind in kinds.KINDS.items():
+        assert kind.name == name and kind.spec.model_fields["kind"].default == name
+    assert [name for name, kind in kinds.KINDS.items() if kind.resumable] == ["train"]
+    spec = parse_spec({"kind": "train", "name": "t", "output": str(tmp_path)})
+    monkeypatch.delitem(kinds.KINDS, "train")  # as in a build without the trainer
+    with pytest.raises(SpecError, match="kind: unknown kind 'train'"):
+        run_spec(spec)
     assert list(tmp_path.iterdir()) == []  # nothing written
-    monkeypatch.setitem(runner_module.RUNNERS, "train", "jobs.no_such_module:run")
-    with pytest.raises(NoRunnerError):
-        resolve_runner("train")
-    monkeypatch.setitem(runner_module.RUNNERS, "train", f"{__name__}:no_such_function")
-    with pytest.raises(NoRunnerError):
-        resolve_runner("train")
-    assert runner_module.RUNNERS["atlas"] == "jobs.atlas:run"
 
 
 def test_cli_run_prints_the_run_location(
@@ -130,10 +134,10 @@ def test_cli_run_prints_the_run_location(
     assert main(["run", str(spec_path), "--output", str(out_dir), "--set", "folds=3"]) == 0
     assert capsys.readouterr().out == out and len(CALLS) == 1
 
-    monkeypatch.delitem(runner_module.RUNNERS, "train")  # a kind this version could not run
+    monkeypatch.delitem(kinds.KINDS, "train")  # a kind this version could not run
     spec_path.write_text("kind: train\nname: cli\n")
     assert main(["run", str(spec_path), "--output", str(out_dir)]) == 2
-    assert "no runner for kind 'train'" in capsys.readouterr().err
+    assert "unknown kind 'train'" in capsys.readouterr().err
 
 
 @pytest.mark.s3
@@ -143,7 +147,7 @@ def test_cli_run_into_s3(s3_endpoint: str, s3_bucket: str, tmp_path: Path, capsy
     assert main(["run", str(spec_path), "--output", f"s3://{s3_bucket}/runs"]) == 0
     location = capsys.readouterr().out.strip()
     assert location.startswith(f"s3://{s3_bucket}/runs/probe/s3-")
-    runs = Store.from_uri(f"s3://{s3_bucket}/runs", s3_endpoint).list_runs()
+    runs = committed_runs(open_store(f"s3://{s3_bucket}/runs", s3_endpoint))
     assert len(runs) == 1 and len(runs[0]["files"]) == 5
 
     assert main(["run", str(spec_path), "--output", "s3://missing-bucket-x/runs"]) == 1

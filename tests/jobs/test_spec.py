@@ -10,19 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.spec import (
-    KINDS,
-    AtlasSpec,
-    CorrespondenceSpec,
-    InvarianceSpec,
-    ProbeSpec,
-    SpecError,
-    apply_overrides,
-    load_spec,
-    parse_spec,
-    schema,
-    spec_run_id,
-)
+from jobs.analyses.correspondence.spec import CorrespondenceSpec
+from jobs.analyses.invariance.spec import InvarianceSpec
+from jobs.analyses.probe.spec import ProbeSpec
+from jobs.atlas.spec import AtlasSpec
+from jobs.kinds import KINDS, load_spec, parse_spec, schema
+from jobs.specs.base import SpecError
+from jobs.specs.loading import apply_overrides, spec_run_id
 from zfatlas_cli.main import main
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))

@@ -21,9 +21,13 @@ from jobs.store import (
     MissingKeyError,
     Store,
     StoreError,
-    fingerprint_bytes,
+    begin_run,
+    committed_runs,
+    open_store,
+    read_manifest,
     read_uri_bytes,
 )
+from jobs.store.provenance import fingerprint_bytes
 
 SCHEMA = pa.schema(
     [
@@ -47,7 +51,7 @@ def store_uri(request: pytest.FixtureRequest, tmp_path) -> tuple[str, str | None
 @pytest.fixture
 def store(store_uri) -> Store:
     uri, endpoint = store_uri
-    return Store.from_uri(uri, endpoint, **({"multipart_threshold": SMALL_THRESHOLD} if endpoint else {}))
+    return open_store(uri, endpoint, **({"multipart_threshold": SMALL_THRESHOLD} if endpoint else {}))
 
 
 def test_round_trip(store: Store) -> None:
@@ -92,44 +96,44 @@ def test_traversal_keys_rejected(store: Store, key: str) -> None:
 
 def test_run_ids_cannot_escape(store: Store) -> None:
     with pytest.raises(ValueError):
-        store.begin_run("atlas", "../train")
+        begin_run(store, "atlas", "../train")
     with pytest.raises(ValueError):
-        store.begin_run("atlas/x", "r")
-    run = store.begin_run("atlas", "r1")
+        begin_run(store, "atlas/x", "r")
+    run = begin_run(store, "atlas", "r1")
     for bad in ["../r2/x", "/abs", MANIFEST]:
         with pytest.raises(ValueError):
             run.put_bytes(bad, b"x")
 
 
 def test_only_committed_runs_are_listed(store: Store) -> None:
-    done = store.begin_run("atlas", "done")
+    done = begin_run(store, "atlas", "done")
     done.put_bytes("a.txt", b"a")
     manifest = done.commit({"name": "done", "images_seen": np.int64(7)})
     assert manifest["status"] == "committed" and manifest["images_seen"] == 7
     assert manifest["files"] == [{"key": "a.txt", "bytes": 1}]
     assert "package" in manifest["code_version"]
 
-    pending = store.begin_run("atlas", "pending")
+    pending = begin_run(store, "atlas", "pending")
     pending.put_bytes("a.txt", b"a")  # never committed
-    other = store.begin_run("train", "t1")
+    other = begin_run(store, "train", "t1")
     other.commit({"name": "t"})
 
-    assert [(r["kind"], r["run_id"], r["name"]) for r in store.list_runs()] == [
+    assert [(r["kind"], r["run_id"], r["name"]) for r in committed_runs(store)] == [
         ("atlas", "done", "done"),
         ("train", "t1", "t"),
     ]
-    assert [r["run_id"] for r in store.list_runs("atlas")] == ["done"]
-    assert store.list_runs("occlusion") == []
+    assert [r["run_id"] for r in committed_runs(store, "atlas")] == ["done"]
+    assert committed_runs(store, "occlusion") == []
     future = datetime.now(timezone.utc) + timedelta(hours=1)
-    assert store.list_runs(since=future) == []
-    assert len(store.list_runs(since=datetime.now(timezone.utc) - timedelta(hours=1))) == 2
-    assert store.read_manifest("atlas", "done") == manifest
+    assert committed_runs(store, since=future) == []
+    assert len(committed_runs(store, since=datetime.now(timezone.utc) - timedelta(hours=1))) == 2
+    assert read_manifest(store, "atlas", "done") == manifest
     with pytest.raises(MissingKeyError):
-        store.read_manifest("atlas", "pending")
+        read_manifest(store, "atlas", "pending")
 
 
 def _write_run(store: Store, run_id: str, n_files: int, fail_after: int | None = None) -> dict | None:
-    with store.begin_run("atlas", run_id) as run:
+    with begin_run(store, "atlas", run_id) as run:
         if run.already_committed:
             return None
         for i in range(n_files):
@@ -142,7 +146,7 @@ def _write_run(store: Store, run_id: str, n_files: int, fail_after: int | None =
 def test_killed_writer_is_invisible_and_rerun_commits_once(store: Store) -> None:
     with pytest.raises(RuntimeError, match="killed"):
         _write_run(store, "r1", 10, fail_after=5)
-    assert store.list_runs() == []
+    assert committed_runs(store) == []
     assert len(store.list_keys("atlas/r1/")) == 5  # the half-written leftovers
     assert not store.exists(f"atlas/r1/{MANIFEST}")
 
@@ -151,47 +155,47 @@ def test_killed_writer_is_invisible_and_rerun_commits_once(store: Store) -> None
     keys = store.list_keys("atlas/r1/")
     assert keys == sorted([f"atlas/r1/shard-{i:03d}.bin" for i in range(10)] + [f"atlas/r1/{MANIFEST}"])
     assert len(manifest["files"]) == 10
-    assert [r["run_id"] for r in store.list_runs()] == ["r1"]
+    assert [r["run_id"] for r in committed_runs(store)] == ["r1"]
 
     # A re-run of a committed run no-ops: nothing rewritten, same manifest.
     assert _write_run(store, "r1", 10) is None
-    again = store.begin_run("atlas", "r1")
+    again = begin_run(store, "atlas", "r1")
     assert again.already_committed and again.manifest == manifest
     with pytest.raises(RuntimeError):
         again.put_bytes("x", b"x")
     assert store.list_keys("atlas/r1/") == keys
-    assert store.read_manifest("atlas", "r1")["committed_at"] == manifest["committed_at"]
+    assert read_manifest(store, "atlas", "r1")["committed_at"] == manifest["committed_at"]
 
 
 def test_uncommitted_leftover_with_different_files_is_replaced(store: Store) -> None:
-    run = store.begin_run("atlas", "r")
+    run = begin_run(store, "atlas", "r")
     run.put_bytes("old-only.bin", b"x")
     run.put_bytes("sub/shared.bin", b"old")
-    run = store.begin_run("atlas", "r")
+    run = begin_run(store, "atlas", "r")
     run.put_bytes("sub/shared.bin", b"new")
     run.commit({"name": "r"})
     assert store.list_keys("atlas/r/") == ["atlas/r/manifest.json", "atlas/r/sub/shared.bin"]
     assert store.get_bytes("atlas/r/sub/shared.bin") == b"new"
     # Siblings sharing a name prefix are untouched.
-    store.begin_run("atlas", "r2").commit({})
-    store.begin_run("atlas", "r")
+    begin_run(store, "atlas", "r2").commit({})
+    begin_run(store, "atlas", "r")
     assert store.exists("atlas/r2/manifest.json")
 
 
 def test_resuming_job_keeps_leftovers_until_it_commits(store: Store) -> None:
-    run = store.begin_run("train", "t")
+    run = begin_run(store, "train", "t")
     run.put_bytes("checkpoints/epoch-0001.pt", b"state")
-    again = store.begin_run("train", "t", keep_leftovers=True)
+    again = begin_run(store, "train", "t", keep_leftovers=True)
     assert not again.already_committed
     assert store.get_bytes("train/t/checkpoints/epoch-0001.pt") == b"state"
     again.commit({"name": "t"})
     # Committed: keep_leftovers changes nothing, the run is returned as it is.
-    assert store.begin_run("train", "t", keep_leftovers=True).already_committed
+    assert begin_run(store, "train", "t", keep_leftovers=True).already_committed
     assert store.list_keys("train/t/") == ["train/t/checkpoints/epoch-0001.pt", "train/t/manifest.json"]
 
 
 def test_png_and_parquet_readable_everywhere(store: Store, tmp_path) -> None:
-    run = store.begin_run("atlas", "tables")
+    run = begin_run(store, "atlas", "tables")
     rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
     run.put_png("img/rgb.png", rgb)
     run.put_png("img/grey.png", rgb[..., 0])
@@ -230,7 +234,7 @@ def test_png_and_parquet_readable_everywhere(store: Store, tmp_path) -> None:
 
 
 def test_manifest_is_plain_json(store: Store) -> None:
-    run = store.begin_run("probe", "p")
+    run = begin_run(store, "probe", "p")
     run.commit({"name": "p", "when": datetime(2024, 1, 1), "counts": np.array([1, 2])})
     manifest = json.loads(store.get_bytes(f"probe/p/{MANIFEST}"))
     assert manifest["when"] == "2024-01-01T00:00:00Z" and manifest["counts"] == [1, 2]
@@ -243,7 +247,7 @@ def test_fingerprint() -> None:
 
 @pytest.mark.s3
 def test_multipart_upload(s3_endpoint: str, s3_bucket: str) -> None:
-    store = Store.from_uri(f"s3://{s3_bucket}/big", s3_endpoint, multipart_threshold=SMALL_THRESHOLD)
+    store = open_store(f"s3://{s3_bucket}/big", s3_endpoint, multipart_threshold=SMALL_THRESHOLD)
     payload = np.random.default_rng(0).bytes(SMALL_THRESHOLD + 1024 * 1024)
     store.put_bytes("blob.bin", payload)
     head = boto3.client("s3", endpoint_url=s3_endpoint).head_object(Bucket=s3_bucket, Key="big/blob.bin")
@@ -253,13 +257,13 @@ def test_multipart_upload(s3_endpoint: str, s3_bucket: str) -> None:
 
 @pytest.mark.s3
 def test_missing_bucket_error_names_it(s3_endpoint: str) -> None:
-    store = Store.from_uri("s3://no-such-bucket-here/x", s3_endpoint, multipart_threshold=SMALL_THRESHOLD)
+    store = open_store("s3://no-such-bucket-here/x", s3_endpoint, multipart_threshold=SMALL_THRESHOLD)
     for call in (
         store.check,
         lambda: store.put_bytes("a", b"x"),
         lambda: store.put_bytes("a", b"x" * SMALL_THRESHOLD),  # multipart path
         lambda: store.list_keys(""),
-        lambda: store.begin_run("atlas", "r"),
+        lambda: begin_run(store, "atlas", "r"),
     ):
         with pytest.raises(BucketNotFoundError, match="no-such-bucket-here"):
             call()
@@ -268,7 +272,7 @@ def test_missing_bucket_error_names_it(s3_endpoint: str) -> None:
 @pytest.mark.s3
 def test_endpoint_from_environment(s3_endpoint: str, s3_bucket: str, monkeypatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    store = Store.from_uri(f"s3://{s3_bucket}")
+    store = open_store(f"s3://{s3_bucket}")
     store.put_bytes("k", b"v")
     assert store.get_bytes("k") == b"v" and store.uri_of("k") == f"s3://{s3_bucket}/k"
     fs, base = store.arrow_filesystem()
@@ -281,7 +285,7 @@ def test_local_store_check(tmp_path) -> None:
     blocker.write_text("x")
     with pytest.raises(Exception, match="cannot use"):
         LocalStore(blocker / "sub").check()
-    Store.from_uri(f"file://{tmp_path}/new").check()
+    open_store(f"file://{tmp_path}/new").check()
     assert (tmp_path / "new").is_dir()
 
 
@@ -343,13 +347,13 @@ class _FlakyProxy:
 def test_s3_retries_throttling_then_gives_up_naming_the_key(s3_endpoint: str, s3_bucket: str) -> None:
     proxy = _FlakyProxy(s3_endpoint, failures=1)
     try:
-        store = Store.from_uri(f"s3://{s3_bucket}/p", proxy.url)
+        store = open_store(f"s3://{s3_bucket}/p", proxy.url)
         store.put_bytes("k", b"v")  # throttled (botocore backs off up to 1 s), then OK
         assert proxy.seen == 2 and store.get_bytes("k") == b"v"
         assert store._client.meta.config.retries == {"total_max_attempts": 5, "mode": "standard"}
 
         proxy.failures, proxy.seen, proxy.error = 10, 0, (500, "InternalError")
-        impatient = Store.from_uri(f"s3://{s3_bucket}/p", proxy.url, max_attempts=2)
+        impatient = open_store(f"s3://{s3_bucket}/p", proxy.url, max_attempts=2)
         with pytest.raises(StoreError, match=f"s3://{s3_bucket}/p/k2"):
             impatient.put_bytes("k2", b"v")
         assert proxy.seen == 2

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.ray_jobs import connect, job_info, list_jobs
+from jobs.kinds import parse_spec
 from jobs.runner import ray_submission_id
-from jobs.spec import parse_spec, spec_run_id
-from jobs.store import Store, code_version
-from jobs.submit import prepare
+from jobs.specs.loading import spec_run_id
+from jobs.store import open_store, read_manifest
+from jobs.store.provenance import code_version
+from jobs.submission.ray_jobs import job_info, jobs_client, list_jobs
+from jobs.submission.submit import prepare
 from zfatlas_cli.main import main
 
 ATLAS = {
@@ -69,12 +71,12 @@ def test_prepare_pins_the_run_id_and_resolves_local_paths_on_the_submitting_side
 def test_a_bad_spec_is_refused_before_anything_is_submitted(ray_cluster, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**ATLAS, "k": 0, "layers": ["conv9"]}))
-    before = len(list_jobs(connect(ray_cluster.dashboard_url), zfatlas_only=False))
+    before = len(list_jobs(jobs_client(ray_cluster.dashboard_url), zfatlas_only=False))
     result = zfatlas("submit", str(bad), "--address", ray_cluster.dashboard_url)
     assert result.returncode == 2, result.stderr
     assert "layers.0: unknown layer 'conv9'" in result.stderr and "k: " in result.stderr
     assert result.stdout == ""
-    assert len(list_jobs(connect(ray_cluster.dashboard_url), zfatlas_only=False)) == before
+    assert len(list_jobs(jobs_client(ray_cluster.dashboard_url), zfatlas_only=False)) == before
     # An unknown job is an error, not a traceback.
     assert main(["jobs", "status", "no-such-job", "--address", ray_cluster.dashboard_url]) == 1
 
@@ -96,7 +98,7 @@ def test_zfatlas_submit_runs_an_atlas_to_completion_and_the_run_and_job_name_eac
     job_id = submitted.stdout.strip()
     assert job_id and "\n" not in job_id
 
-    client = connect(ray_cluster.dashboard_url)
+    client = jobs_client(ray_cluster.dashboard_url)
     deadline = time.monotonic() + 240
     while not (job := job_info(client, job_id)).finished:
         assert time.monotonic() < deadline, "the submitted job did not finish"
@@ -111,7 +113,7 @@ def test_zfatlas_submit_runs_an_atlas_to_completion_and_the_run_and_job_name_eac
     run_id = job.run_id
     assert run_id == spec_run_id(parse_spec(yaml.safe_load(spec_file.read_text())))
     assert job.kind == "atlas" and job.metadata["zfatlas_name"] == "submitted-atlas"
-    manifest = Store.from_uri(str(out)).read_manifest("atlas", run_id)
+    manifest = read_manifest(open_store(str(out)), "atlas", run_id)
     assert manifest["ray_job_id"] == job_id
     # The shipped code is no checkout; the manifest still names the submitting checkout's commit.
     assert manifest["code_version"]["git_sha"] == code_version()["git_sha"]

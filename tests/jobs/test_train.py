@@ -15,14 +15,15 @@ import pytest
 import torch
 from ray.util.state import list_actors
 
-from jobs.checkpoints import LATEST
-from jobs.evolution import EVOLUTION_SCHEMA
-from jobs.models import load_model
+from jobs.kinds import parse_spec
+from jobs.networks import load_model
 from jobs.runner import run_spec
-from jobs.spec import parse_spec, spec_run_id
-from jobs.store import Store
-from jobs.train_data import split_indices
-from jobs.train_metrics import LAYERS_SCHEMA, METRICS_SCHEMA
+from jobs.specs.loading import spec_run_id
+from jobs.store import Store, committed_runs, open_store
+from jobs.train.checkpoints import LATEST
+from jobs.train.data import split_indices
+from jobs.train.evolution import EVOLUTION_SCHEMA
+from jobs.train.metrics import LAYERS_SCHEMA, METRICS_SCHEMA
 from zfcore.data import ProceduralDataset, to_tensor
 from zfcore.training import evaluate
 
@@ -92,7 +93,7 @@ def test_two_workers_train_into_s3_and_the_atlas_loads_the_checkpoint(ray_cluste
     output = f"s3://{s3_bucket}/runs"
     spec = train_spec(output, "e2e", epochs=3, endpoint_url=s3_endpoint)
     manifest = run_spec(spec, quiet=True)
-    store = Store.from_uri(output, s3_endpoint)
+    store = open_store(output, s3_endpoint)
     prefix = f"train/{spec_run_id(spec)}"
 
     # Two workers, each on its own fake GPU, CPU math over gloo.
@@ -139,7 +140,7 @@ def test_two_workers_train_into_s3_and_the_atlas_loads_the_checkpoint(ray_cluste
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
     spec = train_spec(str(tmp_path), "fault", epochs=4, max_failures=1, evolution_epochs=[4])
-    store = Store.from_uri(str(tmp_path))
+    store = open_store(str(tmp_path))
     thread, out = run_in_thread(spec)
     kill_a_worker_after(ray_cluster, store, f"train/{spec_run_id(spec)}", epoch=1)
     thread.join(timeout=300)
@@ -158,12 +159,12 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path)
 
 def test_rerun_after_a_crash_resumes_instead_of_starting_over(ray_cluster, tmp_path):
     spec = train_spec(str(tmp_path), "crash", epochs=3, max_failures=0, evolution_epochs=[1, 2, 3])
-    store = Store.from_uri(str(tmp_path))
+    store = open_store(str(tmp_path))
     prefix = f"train/{spec_run_id(spec)}"
     thread, out = run_in_thread(spec)
     kill_a_worker_after(ray_cluster, store, prefix, epoch=1)
     thread.join(timeout=300)
-    assert "error" in out and store.list_runs() == []  # the job died: nothing committed
+    assert "error" in out and committed_runs(store) == []  # the job died: nothing committed
     crashed_at = store.get_json(f"{prefix}/{LATEST}")["epoch"]
     assert 1 <= crashed_at < 3
 
@@ -175,4 +176,4 @@ def test_rerun_after_a_crash_resumes_instead_of_starting_over(ray_cluster, tmp_p
     # The strips hold every snapshot epoch, including those taken before the crash.
     evolution = table(store, f"{prefix}/evolution.parquet")
     assert sorted(set(evolution.column("epoch").to_pylist())) == [1, 2, 3]
-    assert [r["run_id"] for r in store.list_runs("train")] == [spec_run_id(spec)]
+    assert [r["run_id"] for r in committed_runs(store, "train")] == [spec_run_id(spec)]

@@ -12,9 +12,23 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.checkpoints import FINAL, LATEST, epoch_key, latest_checkpoint, load_checkpoint, save_checkpoint
 from jobs.datasets import Batch, ProceduralSource
-from jobs.evolution import (
+from jobs.kinds import parse_spec
+from jobs.networks import load_model
+from jobs.runtime.device import to_device
+from jobs.specs.base import ModelSpec
+from jobs.store import begin_run, open_store
+from jobs.store.encoding import conform
+from jobs.train.checkpoints import (
+    FINAL,
+    LATEST,
+    epoch_key,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from jobs.train.data import ShardReader, epoch_order, shard, split_indices
+from jobs.train.evolution import (
     DISPLAY_SIDE,
     EVOLUTION_SCHEMA,
     select_channels,
@@ -22,15 +36,11 @@ from jobs.evolution import (
     write_snapshot,
     write_strips,
 )
-from jobs.lr_schedule import PLATEAU_PATIENCE, make_scheduler, step_schedule
-from jobs.models import load_model
-from jobs.spec import ModelSpec, parse_spec
-from jobs.store import Store, conform
-from jobs.train_data import ShardReader, epoch_order, shard, split_indices
-from jobs.train_metrics import METRICS_SCHEMA, EpochMeter, filter_summary, layer_stats, validate
-from jobs.train_step import Autocast, TrainStepper, to_device, with_precision
-from zfcore.model import build
+from jobs.train.metrics import METRICS_SCHEMA, EpochMeter, filter_summary, layer_stats, validate
+from jobs.train.schedule import PLATEAU_PATIENCE, make_scheduler, step_schedule
+from jobs.train.step import Autocast, TrainStepper, with_precision
 from zfcore.renorm import filter_rms
+from zfcore.zfnet import build
 
 
 class HoleySource(ProceduralSource):
@@ -166,8 +176,8 @@ def test_schedules() -> None:
 
 
 def test_checkpoints_point_to_the_latest_and_load_as_a_model(tmp_path) -> None:
-    store = Store.from_uri(str(tmp_path))
-    run = store.begin_run("train", "r")
+    store = open_store(str(tmp_path))
+    run = begin_run(store, "train", "r")
     assert latest_checkpoint(run, "d1") is None
     torch.manual_seed(0)
     net = build("zfnet-small")
@@ -194,7 +204,7 @@ def test_evolution_strips_hold_every_epoch(tmp_path) -> None:
     ids = [source.image_id(i) for i in range(12)]
     channels = select_channels(net, 3)
     assert channels["conv1"] == [0, 16, 31] and set(channels) == set(net.config.conv_names)
-    run = Store.from_uri(str(tmp_path)).begin_run("train", "evo")
+    run = begin_run(open_store(str(tmp_path)), "train", "evo")
     rows = []
     for epoch in (1, 2, 5):
         items = snapshot(net, probe, ids, list(range(12)), channels, batch_size=5)

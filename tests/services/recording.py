@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from jobs.ray_jobs import JobNotFoundError, JobsAPIError, JobSummary
-from jobs.spec import SpecBase
-from jobs.submit import AlreadySubmittedError
+from jobs.specs.base import SpecBase
+from jobs.submission.ray_jobs import JobNotFoundError, JobsAPIError, JobSummary
+from jobs.submission.submit import AlreadySubmittedError
 
 
 class ManualClock:

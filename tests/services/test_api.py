@@ -6,12 +6,9 @@ from __future__ import annotations
 import asyncio
 import http.client
 import io
-import sys
-import types
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib.machinery import ModuleSpec
 from urllib.parse import urlsplit
 
 import boto3
@@ -23,11 +20,11 @@ from fastapi import APIRouter, Depends
 from PIL import Image
 from pydantic import ValidationError
 
-from jobs.diff import DIFF_SCHEMA
-from jobs.store import Store
-from services.api.app import create_app, scheduler_router
-from services.api.security import require_token
-from services.api.settings import Settings
+from jobs.results.diff import DIFF_SCHEMA
+from jobs.store import Store, begin_run, open_store
+from services.api.app import create_app
+from services.http.security import require_token
+from services.http.settings import Settings
 from tests.fixtures.api_server import serve
 from tests.fixtures.synthetic_atlas import synthetic_rows, write_atlas
 
@@ -75,13 +72,13 @@ def _store(
 @pytest.fixture(scope="module", params=["local", "s3"])
 def api(request, tmp_path_factory) -> Iterator[Api]:
     uri, endpoint, other = _store(request.param, request, tmp_path_factory)
-    store = Store.from_uri(uri, endpoint)
+    store = open_store(uri, endpoint)
     rows_a = synthetic_rows("a")
     rows_b = synthetic_rows("b", seed=1)
     write_atlas(store, "a", rows_a)
     write_atlas(store, "b", rows_b)
-    store.begin_run("train", "t1").commit({"name": "t1"})
-    uncommitted = store.begin_run("atlas", "half")
+    begin_run(store, "train", "t1").commit({"name": "t1"})
+    uncommitted = begin_run(store, "atlas", "half")
     uncommitted.put_png("images/conv1/0000/patch-grid.png", np.zeros((4, 4, 3), np.uint8))
     settings = Settings(store=uri, endpoint_url=endpoint, token=TOKEN, max_page_size=MAX_PAGE,
                         default_page_size=20, max_request_bytes=MAX_BODY)
@@ -290,7 +287,7 @@ def test_request_bodies_are_bounded_and_checked(api):
 
 
 def test_without_a_configured_token_mutations_are_disabled(tmp_path):
-    store = Store.from_uri(str(tmp_path))
+    store = open_store(str(tmp_path))
     write_atlas(store, "a", synthetic_rows("a"), images=False)
     app = create_app(Settings(store=str(tmp_path)))
     with serve(app) as url:
@@ -313,28 +310,18 @@ def test_reads_from_other_machines_need_the_token(tmp_path):
     assert asyncio.run(get({"Authorization": f"Bearer {TOKEN}"})) == 200
 
 
-def test_scheduler_router_is_mounted_when_its_module_exists(tmp_path, monkeypatch):
-    assert scheduler_router("tests.services.no_such_module") is None
-    assert scheduler_router("no_such_package.http") is None
-    module = types.ModuleType("tests.services.scheduler_http_example")
-    module.__spec__ = ModuleSpec(module.__name__, None)
+def test_routers_given_to_the_app_are_mounted_with_its_token_rules(tmp_path):
     router = APIRouter()
 
     @router.post("/api/schedules", dependencies=[Depends(require_token)], status_code=201)
     def add_schedule() -> dict[str, str]:
         return {"status": "added"}
 
-    module.router = router
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    app = create_app(Settings(store=str(tmp_path), token=TOKEN), scheduler_module=module.__name__)
+    app = create_app(Settings(store=str(tmp_path), token=TOKEN), routers=[router])
     with serve(app) as url:
         assert httpx.post(f"{url}/api/schedules").status_code == 401
         ok = httpx.post(f"{url}/api/schedules", headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 201 and ok.json() == {"status": "added"}
-
-    module.router = "not a router"
-    with pytest.raises(RuntimeError, match="must define `router`"):
-        create_app(Settings(store=str(tmp_path)), scheduler_module=module.__name__)
 
 
 @pytest.mark.parametrize(

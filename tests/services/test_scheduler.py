@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.ray_jobs import connect, job_info, list_jobs
-from jobs.store import Store
+from jobs.store import open_store, read_manifest
+from jobs.submission.ray_jobs import job_info, jobs_client, list_jobs
 from services.scheduler.cron import fire_times_between, next_fire_times
 from services.scheduler.db import ScheduleDB
 from services.scheduler.model import RetryPolicy, ScheduleConfig, run_id_for
@@ -23,7 +23,7 @@ from services.scheduler.scheduler import Scheduler
 from services.scheduler.submitter import AlreadySubmittedError, RayJobsSubmitter
 from services.scheduler.template import render
 from tests.services.recording import ManualClock, RecordingCluster
-from zfcore.model import build
+from zfcore.zfnet import build
 
 T0 = datetime(2026, 1, 5, 12, 0, 30, tzinfo=timezone.utc)  # 30 s past a minute
 
@@ -389,11 +389,11 @@ def test_a_schedule_fires_once_through_the_ray_jobs_api(ray_cluster, tmp_path, m
         sched.follow(clock.now())
     assert history(sched.db, "nightly-real") == {run_id: "succeeded"}
 
-    client = connect(ray_cluster.dashboard_url)
+    client = jobs_client(ray_cluster.dashboard_url)
     job = job_info(client, run_id)
     assert job.status == "SUCCEEDED" and job.run_id == run_id
     assert job.metadata["zfatlas_schedule"] == "nightly-real"
     assert [j.job_id for j in list_jobs(client) if j.job_id.startswith("nightly-real-")] == [run_id]
-    manifest = Store.from_uri(str(out)).read_manifest("atlas", run_id)
+    manifest = read_manifest(open_store(str(out)), "atlas", run_id)
     assert manifest["ray_job_id"] == run_id
     assert manifest["spec"]["model"]["checkpoint"] == str(models / "shipped.pt")

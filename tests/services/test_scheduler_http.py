@@ -10,12 +10,12 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 
-from services.api.app import create_app
-from services.api.settings import Settings
+from services.http.settings import Settings
 from services.scheduler.app import create_scheduler_app
 from services.scheduler.model import ScheduleConfig
 from services.scheduler.scheduler import Scheduler
 from services.scheduler.service import SchedulerService, SchedulerSettings
+from services.server import create_server
 from tests.fixtures.api_server import serve
 from tests.services.recording import ManualClock, RecordingCluster
 
@@ -112,7 +112,7 @@ def test_submission_validates_before_it_reaches_for_the_cluster(client):
 def test_the_router_is_mounted_in_the_main_api_app(tmp_path, monkeypatch):
     monkeypatch.setenv("ZFATLAS_SCHEDULER_DB", str(tmp_path / "api.db"))
     monkeypatch.setenv("ZFATLAS_SCHEDULER_RAY_ADDRESS", NO_CLUSTER)
-    app = create_app(Settings(store=str(tmp_path / "store"), token=TOKEN))
+    app = create_server(Settings(store=str(tmp_path / "store"), token=TOKEN))
     with serve(app) as url, httpx.Client(base_url=url) as api:
         assert api.post("/api/schedules", json=SCHEDULE, headers=AUTH).status_code == 201
         assert [s["name"] for s in api.get("/api/schedules").json()] == ["nightly"]

@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs.atlas import FEATURES_SCHEMA
-from jobs.store import Store
+from jobs.atlas.tables import FEATURES_SCHEMA
+from jobs.store import Store, begin_run, open_store
 from services.api.app import create_app
-from services.api.settings import Settings
+from services.http.settings import Settings
 from tests.fixtures.api_server import serve
 
 pytestmark = pytest.mark.ray
@@ -131,7 +131,7 @@ def test_layer_grid_channel_detail_and_diff(real_atlases, page, tmp_path):
 
 def _wide_atlas(store: Store, run_id: str, channels: int) -> None:
     """A schema-valid atlas with one layer of ``channels`` channels whose tiles share two PNGs."""
-    run = store.begin_run("atlas", run_id)
+    run = begin_run(store, "atlas", run_id)
     tile = np.full((20, 20, 3), 90, np.uint8)
     tile[5:15, 5:15] = (30, 160, 220)
     proj_key = run.put_png("images/shared/projection-grid.png", tile)
@@ -177,7 +177,7 @@ def _wide_atlas(store: Store, run_id: str, channels: int) -> None:
 
 def test_thousands_of_tiles_load_page_by_page(page, tmp_path):
     channels = 3000
-    store = Store.from_uri(str(tmp_path / "store"))
+    store = open_store(str(tmp_path / "store"))
     _wide_atlas(store, "wide", channels)
     with serve(create_app(Settings(store=str(tmp_path / "store")))) as url:
         page.goto(url)

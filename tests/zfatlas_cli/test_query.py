@@ -10,8 +10,8 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.diff import DIFF_SCHEMA
-from jobs.store import Store
+from jobs.results.diff import DIFF_SCHEMA
+from jobs.store import open_store
 from tests.fixtures.synthetic_atlas import synthetic_rows, write_atlas
 from zfatlas_cli.main import main
 
@@ -43,7 +43,7 @@ def test_runs_list_and_atlas_show(real_atlases, capsys):
                            *store)
     first = json.loads(out.splitlines()[0])
     assert first["rank"] == 0 and first["image_id"].startswith("proc-")
-    assert Store.from_uri(real_atlases.store).exists(first["projection_key"])
+    assert open_store(real_atlases.store).exists(first["projection_key"])
 
 
 def test_atlas_export_and_diff(real_atlases, capsys, tmp_path):
@@ -69,7 +69,7 @@ def test_atlas_export_and_diff(real_atlases, capsys, tmp_path):
 
 def test_s3_store(capsys, s3_endpoint, s3_bucket):
     uri = f"s3://{s3_bucket}/art"
-    write_atlas(Store.from_uri(uri, s3_endpoint), "s3a", synthetic_rows("s3a"), images=False)
+    write_atlas(open_store(uri, s3_endpoint), "s3a", synthetic_rows("s3a"), images=False)
     remote = ["--store", uri, "--endpoint-url", s3_endpoint]
     code, out, _ = run_cli(capsys, "runs", "list", "--json", *remote)
     assert code == 0 and json.loads(out)["run_id"] == "s3a"

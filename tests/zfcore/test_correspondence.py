@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.zfcore.analysis_data import held_out, of_class, stack
-from zfcore.correspondence import (
+from zfcore.analyses.correspondence import (
     correspondence,
     delta,
     mask_boxes,
@@ -13,7 +13,7 @@ from zfcore.correspondence import (
     random_boxes,
     random_correspondence,
 )
-from zfcore.model import build
+from zfcore.zfnet import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

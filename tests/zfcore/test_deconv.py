@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from zfcore.deconv import deconvolve, project, project_autograd, unpool_adjoint
-from zfcore.model import ConvStage, ZFNet, ZFNetConfig, build
+from zfcore.zfnet import ConvStage, ZFNet, ZFNetConfig, build
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tests.zfcore.analysis_data import held_out, stack
-from zfcore.invariance import IDENTITY, KINDS, invariance_sweep, transform
+from zfcore.analyses.invariance import IDENTITY, KINDS, invariance_sweep, transform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

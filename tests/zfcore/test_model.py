@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from zfcore.model import VARIANTS, ZFNet, build, count_parameters, feature_map_sizes
+from zfcore.zfnet import VARIANTS, ZFNet, build, count_parameters, feature_map_sizes
 
 
 def test_paper_parameter_count_and_map_sizes():

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from tests.zfcore.analysis_data import held_out
+from zfcore.analyses.occlusion import occlude, occlusion_sensitivity, pixel_map, square_offsets, strongest_map
 from zfcore.data import to_tensor
 from zfcore.deconv import project
-from zfcore.model import build
-from zfcore.occlusion import occlude, occlusion_sensitivity, pixel_map, square_offsets, strongest_map
+from zfcore.zfnet import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,7 +46,7 @@ def test_strongest_map_is_the_largest_spatial_maximum():
 
 
 def _one_forward_per_position(model, image, label, layer, channel, size, stride):
-    """The naive reference: clone, grey out, one forward each (written without zfcore.occlusion)."""
+    """The naive reference: clone, grey out, one forward each (written without zfcore.analyses.occlusion)."""
     rows = []
     for top in square_offsets(image.shape[1], size, stride).tolist():
         row = []

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from tests.zfcore.analysis_data import held_out, stack
-from zfcore.model import build
-from zfcore.probe import (
+from zfcore.analyses.probe import (
     ProbeScore,
     extract_features,
     fit_linear_svm,
@@ -16,6 +15,7 @@ from zfcore.probe import (
     random_init,
     summarize,
 )
+from zfcore.zfnet import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

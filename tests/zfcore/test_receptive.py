@@ -1,7 +1,7 @@
 import torch
 
-from zfcore.model import build
 from zfcore.receptive import Box, crop, receptive_box, receptive_boxes
+from zfcore.zfnet import build
 
 
 def brute_force_boxes(model, layer: str, size: int) -> dict[tuple[int, int], Box]:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Path
 
-from jobs.query import run_summary
-from services.api.catalog import Catalog
-from services.api.deps import NAME_PATTERN, PageParams, catalog, image_url, page_params
-from services.api.models import (
+from jobs.results.query import run_summary
+from services.api.bodies import (
     AtlasOut,
     Box,
     ChannelOut,
@@ -18,8 +16,10 @@ from services.api.models import (
     RunSummary,
     TileOut,
 )
-from services.api.security import require_read_access
-from services.api.settings import Settings
+from services.api.catalog import Catalog
+from services.api.deps import NAME_PATTERN, PageParams, catalog, image_url, page_params
+from services.http.security import require_read_access
+from services.http.settings import Settings
 
 MAX_CHANNEL = 1_000_000
 RunId = Path(pattern=NAME_PATTERN, description="Atlas run id.")

@@ -6,12 +6,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, status
 
-from jobs.diff import diff_to_parquet
+from jobs.results.diff import diff_to_parquet
+from services.api.bodies import DiffOut, DiffRequest, DiffRowOut, DiffWritten, ErrorOut
 from services.api.catalog import Catalog
 from services.api.deps import NAME_PATTERN, PageParams, catalog, image_url, page_params
-from services.api.models import DiffOut, DiffRequest, DiffRowOut, DiffWritten, ErrorOut
-from services.api.security import require_read_access, require_token
-from services.api.settings import Settings
+from services.http.security import require_read_access, require_token
+from services.http.settings import Settings
 
 DIFFS_PREFIX = "diffs"
 ERRORS = {404: {"model": ErrorOut}, 400: {"model": ErrorOut}}

@@ -10,11 +10,11 @@ import pyarrow as pa
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from fastapi.responses import Response, StreamingResponse
 
+from services.api.bodies import ErrorOut
 from services.api.catalog import Catalog
 from services.api.deps import catalog, safe_key
-from services.api.models import ErrorOut
 from services.api.routes.atlas import Channel, Layer, RunId
-from services.api.security import require_read_access
+from services.http.security import require_read_access
 
 CHUNK = 64 * 1024
 # Committed runs never change: browsers may keep their images for good.

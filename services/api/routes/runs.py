@@ -6,13 +6,13 @@ from datetime import datetime, timezone
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 
-from jobs.query import list_runs, run_summary
-from jobs.store import MissingKeyError
+from jobs.results.query import list_runs, run_summary
+from jobs.store import MissingKeyError, read_manifest
+from services.api.bodies import ErrorOut, Page, RunDetail, RunSummary
 from services.api.catalog import Catalog
 from services.api.deps import NAME_PATTERN, PageParams, catalog, page_params
-from services.api.models import ErrorOut, Page, RunDetail, RunSummary
-from services.api.security import require_read_access
-from services.api.settings import Settings
+from services.http.security import require_read_access
+from services.http.settings import Settings
 
 
 def router(settings: Settings) -> APIRouter:
@@ -43,7 +43,7 @@ def router(settings: Settings) -> APIRouter:
         cat: Catalog = Depends(catalog),
     ) -> RunDetail:
         try:
-            manifest = cat.store.read_manifest(kind, run_id)
+            manifest = read_manifest(cat.store, kind, run_id)
         except ValueError as exc:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"bad run: {exc}") from None
         except MissingKeyError:

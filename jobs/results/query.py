@@ -1,0 +1,280 @@
+"""Questions users ask an artifact store: which runs exist, what excites a channel, one layer out.
+
+Atlas tables are read with ``pyarrow.dataset`` through :meth:`Store.arrow_filesystem`, the same
+way on a local folder and on S3, with the filter and the column list pushed down to the Parquet
+reader: a query for one channel reads the file footer and the column chunks of the row groups
+whose statistics can hold that channel, not the whole table. (How much that saves depends on the
+writer: ``features.parquet`` sorted by (layer, channel, rank) and cut into several row groups.)
+
+Errors a user can fix (unknown run, layer or channel, a malformed run id) are :class:`QueryError`
+with a one-line message; the CLI and the HTTP API turn them into exit code 2 and 404/400.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from jobs.atlas.tables import FEATURES, FEATURES_SCHEMA
+from jobs.store import MissingKeyError, Store, check_key, committed_runs, read_manifest, run_prefix
+
+log = logging.getLogger(__name__)
+
+ATLAS = "atlas"
+# Columns of a channel tile: everything the viewer shows for a channel before it is opened.
+TILE_COLUMNS = ["channel", "activation", "image_id", "label", "patch_grid_key", "projection_grid_key"]
+ROW_COLUMNS = list(FEATURES_SCHEMA.names)
+
+
+class QueryError(ValueError):
+    """A question the store cannot answer as asked (the message says why, in one line)."""
+
+
+class UnknownRunError(QueryError, LookupError):
+    """No committed atlas run with that id in the store."""
+
+
+class UnknownLayerError(QueryError, LookupError):
+    """The atlas has no such layer."""
+
+
+class UnknownChannelError(QueryError, LookupError):
+    """The layer has no such channel."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer of an atlas: its channel count, k (rows per channel) and summary image key."""
+
+    name: str
+    channels: int
+    k: int
+    summary_key: str | None
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    rows: int
+    files: int
+    destination: str
+
+
+def run_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a manifest worth listing (no file list, no full spec)."""
+    spec = manifest.get("spec") or {}
+    model = spec.get("model") or {}
+    dataset = spec.get("dataset") or {}
+    return {
+        "kind": manifest.get("kind"),
+        "run_id": manifest.get("run_id"),
+        "name": manifest.get("name"),
+        "committed_at": manifest.get("committed_at"),
+        "model_variant": model.get("variant"),
+        "model_fingerprint": manifest.get("model_fingerprint"),
+        "dataset_format": dataset.get("format"),
+        "dataset_fingerprint": manifest.get("dataset_fingerprint"),
+        "images": manifest.get("images_scanned", manifest.get("images_total")),
+        "layers": manifest.get("layers"),
+        "k": manifest.get("k"),
+        "files": len(manifest.get("files") or []),
+    }
+
+
+def list_runs(store: Store, kind: str | None = None, since: datetime | None = None) -> list[dict[str, Any]]:
+    """Summaries of the committed runs (oldest first), optionally of one kind / since a time."""
+    if kind is not None:
+        try:
+            check_key(kind)
+        except ValueError as exc:
+            raise QueryError(f"bad kind {kind!r}: {exc}") from None
+        if "/" in kind:
+            raise QueryError(f"bad kind {kind!r}: must not contain '/'")
+    return [run_summary(m) for m in committed_runs(store, kind, since)]
+
+
+def _counts_from_statistics(data: ds.Dataset) -> dict[str, int] | None:
+    counts: dict[str, int] = {}
+    for fragment in data.get_fragments():
+        for group in fragment.row_groups:
+            stats = group.statistics
+            layer, channel = stats.get("layer"), stats.get("channel")
+            if layer is None or channel is None or layer["min"] != layer["max"]:
+                return None
+            counts[layer["min"]] = max(counts.get(layer["min"], 0), int(channel["max"]) + 1)
+    return counts
+
+
+class AtlasReader:
+    """Read-only queries on one committed atlas run.
+
+    ``filesystem`` overrides the store's pyarrow filesystem (a counting one in the
+    tests); table reads go through it, images and the manifest through the store. Runs are
+    immutable once committed, so a reader may be cached and shared between threads.
+    """
+
+    def __init__(self, store: Store, run_id: str, *, filesystem: pafs.FileSystem | None = None) -> None:
+        self.store = store
+        self.run_id = run_id
+        try:
+            self.prefix = run_prefix(ATLAS, run_id)
+        except ValueError as exc:
+            raise QueryError(f"bad run id {run_id!r}: {exc}") from None
+        try:
+            self.manifest = read_manifest(store, ATLAS, run_id)
+        except MissingKeyError:
+            raise UnknownRunError(f"no committed atlas run {run_id!r} in {store.uri_of('')}") from None
+        fs, base = store.arrow_filesystem()
+        self.filesystem = filesystem or fs
+        self.base = base.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"AtlasReader({self.store.uri_of(self.prefix)!r})"
+
+    def path(self, relkey: str) -> str:
+        """The path of a file of the run in :attr:`filesystem`."""
+        return f"{self.base}/{self.prefix}/{check_key(relkey)}"
+
+    @functools.cached_property
+    def features(self) -> ds.Dataset:
+        """``features.parquet`` as a dataset. Its footer (schema, row-group statistics) is read
+        once here and kept, so each later query reads only the column chunks it needs."""
+        fmt = ds.ParquetFileFormat()
+        # One fragment made by hand rather than ds.dataset(path): discovery would read the footer
+        # a second time just to learn the schema.
+        fragment = fmt.make_fragment(self.path(FEATURES), self.filesystem)
+        try:
+            fragment.ensure_complete_metadata()
+        except FileNotFoundError:
+            raise QueryError(f"atlas {self.run_id} has no {FEATURES}") from None
+        return ds.FileSystemDataset([fragment], fragment.physical_schema, fmt, self.filesystem)
+
+    def scan(self, expression: ds.Expression | None, columns: list[str]) -> pa.Table:
+        """Rows of ``features.parquet`` matching ``expression`` (pushed down), only ``columns``."""
+        return self.features.to_table(columns=columns, filter=expression)
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest.get("k") or 9)
+
+    @functools.cached_property
+    def _channel_counts(self) -> dict[str, int]:
+        """Channels per layer: from the row-group statistics when every row group holds one layer
+        (no data read), else from a scan of the ``layer`` and ``channel`` columns."""
+        counts = _counts_from_statistics(self.features)
+        if counts is not None:
+            return counts
+        top = self.scan(ds.field("rank") == 0, ["layer", "channel"])
+        agg = top.group_by("layer").aggregate([("channel", "max")])
+        return {layer: int(m) + 1 for layer, m in zip(agg["layer"].to_pylist(),
+                                                        agg["channel_max"].to_pylist(), strict=True)}
+
+    def layer_names(self) -> list[str]:
+        """The atlas's layers in the job's order (from the manifest: no table read)."""
+        return list(self.manifest.get("layers") or sorted(self._channel_counts))
+
+    def _check_layer(self, layer: str) -> None:
+        names = self.layer_names()
+        if layer not in names:
+            known = ", ".join(names)
+            raise UnknownLayerError(f"atlas {self.run_id} has no layer {layer!r} (it has: {known})")
+
+    def layers(self) -> list[LayerInfo]:
+        """The atlas's layers in the job's order, with their channel counts."""
+        summaries = self.manifest.get("summaries") or {}
+        return [
+            LayerInfo(name, self._channel_counts.get(name, 0), self.k, summaries.get(name))
+            for name in self.layer_names()
+        ]
+
+    def layer(self, name: str) -> LayerInfo:
+        self._check_layer(name)
+        return next(info for info in self.layers() if info.name == name)
+
+    def channel(self, layer: str, channel: int, columns: list[str] | None = None) -> pa.Table:
+        """The k rows of one channel, strongest first (one pushed-down query, no other read)."""
+        self._check_layer(layer)
+        wanted = list(columns or ROW_COLUMNS)
+        expr = (ds.field("layer") == layer) & (ds.field("channel") == channel)
+        table = self.scan(expr, wanted if "rank" in wanted else [*wanted, "rank"])
+        if table.num_rows == 0:
+            count = self._channel_counts.get(layer, 0)
+            raise UnknownChannelError(
+                f"layer {layer} of atlas {self.run_id} has channels 0..{count - 1}, not {channel}"
+            )
+        return table.sort_by("rank").select(wanted)
+
+    def tiles(self, layer: str, offset: int = 0, limit: int = 100) -> pa.Table:
+        """One row per channel (its strongest activation) for channels offset..offset+limit-1."""
+        info = self.layer(layer)
+        if offset < 0 or limit < 1:
+            raise QueryError(f"offset must be >= 0 and limit >= 1 (got {offset}, {limit})")
+        stop = min(offset + limit, info.channels)
+        if offset >= stop:
+            schema = self.features.schema
+            return schema.empty_table().select(TILE_COLUMNS)
+        expr = (
+            (ds.field("layer") == layer)
+            & (ds.field("rank") == 0)
+            & (ds.field("channel") >= offset)
+            & (ds.field("channel") < stop)
+        )
+        return self.scan(expr, TILE_COLUMNS).sort_by("channel")
+
+    def layer_rows(self, layers: list[str], columns: list[str]) -> pa.Table:
+        """Every row of the given layers (e.g. for diffs), only ``columns``."""
+        for name in layers:
+            self._check_layer(name)
+        return self.scan(ds.field("layer").isin(layers), columns)
+
+    def projections(self, layer: str, channel: int) -> pa.Table:
+        """The raw float32 projections of one channel (``PROJECTIONS_SCHEMA`` rows), by rank."""
+        self.channel(layer, channel, ["rank"])
+        folder = self.path(f"projections/{layer}")
+        try:
+            data = ds.dataset(folder, filesystem=self.filesystem, format="parquet")
+        except (FileNotFoundError, OSError) as exc:
+            raise QueryError(f"atlas {self.run_id} has no raw projections for {layer}: {exc}") from None
+        expr = (ds.field("layer") == layer) & (ds.field("channel") == channel)
+        return data.to_table(filter=expr).sort_by("rank")
+
+    def export_layer(self, layer: str, out: Store, *, threads: int = 8) -> ExportResult:
+        """Copy one layer into ``out`` as a self-contained folder: ``features.parquet`` (the
+        layer's rows, image keys rewritten relative to ``out``), ``projections/<layer>/``,
+        ``images/<layer>/`` and ``summary/<layer>.png``."""
+        info = self.layer(layer)
+        table = self.scan(ds.field("layer") == layer, self.features.schema.names)
+        table = table.sort_by([("channel", "ascending"), ("rank", "ascending")])
+        strip = f"{self.prefix}/"
+        for name in ("patch_key", "projection_key", "patch_grid_key", "projection_grid_key"):
+            column = table.column(name)
+            inside = pc.starts_with(column, strip)
+            rel = pc.if_else(inside, pc.utf8_slice_codeunits(column, len(strip)), column)
+            table = table.set_column(table.schema.get_field_index(name), table.schema.field(name), rel)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        out.put_bytes(FEATURES, buf.getvalue())
+
+        keys = [o.key for o in self.store.list_objects(f"{self.prefix}/images/{layer}/")]
+        keys += [o.key for o in self.store.list_objects(f"{self.prefix}/projections/{layer}/")]
+        if info.summary_key and self.store.exists(info.summary_key):
+            keys.append(info.summary_key)
+
+        def copy(key: str) -> None:
+            out.put_bytes(key[len(strip):], self.store.get_bytes(key))
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(copy, keys))
+        log.info("exported %s of atlas %s: %d rows, %d files to %s", layer, self.run_id, table.num_rows,
+                 len(keys) + 1, out.uri_of(""))
+        return ExportResult(rows=table.num_rows, files=len(keys) + 1, destination=out.uri_of(""))

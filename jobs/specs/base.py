@@ -1,0 +1,245 @@
+"""What every job spec is made of: the shared fields (model, dataset, resources, output) and the
+field checks the kinds' own specs use.
+
+Every model forbids unknown fields (a misspelled field is an error, not a silently ignored
+default), and every validation problem is reported as ``field.path: reason`` with the path as it
+appears in the spec file, so ``zfatlas validate`` output points straight at the line to fix. Each
+job kind declares its own spec class beside its runner (``jobs/<kind>/spec.py``); the table of
+kinds is :mod:`jobs.kinds`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from jobs.uris import parse_uri
+from zfcore import architectures
+
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-_]*$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; ``problems`` holds one ``field.path: reason`` line each."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# --- field checks ---------------------------------------------------------------------------
+
+
+def _location(value: str | None) -> str | None:
+    if value is not None:
+        parse_uri(value)  # raises ValueError with the reason
+    return value
+
+
+Location = Annotated[str, AfterValidator(_location)]
+
+
+def _layer(value: str, info: ValidationInfo) -> str:
+    # Runs per list item, so an error is reported at ``layers.N``. ``model`` is declared before
+    # every layer field and so is already validated here; if it failed, its own error is reported.
+    model = info.data.get("model")
+    if isinstance(model, ModelSpec):
+        names = model.layer_names()
+        if value not in names:
+            raise ValueError(f"unknown layer {value!r}; model {model.variant!r} has {', '.join(names)}")
+    return value
+
+
+LayerName = Annotated[str, AfterValidator(_layer)]
+
+
+def unique(values: list[Any]) -> list[Any]:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"{v!r} is listed twice")
+        seen.add(v)
+    return values
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """An error raised by a model validator that still names the field it is about (pydantic
+    reports model-level errors at the model's own path)."""
+    return PydanticCustomError("spec_field", message.replace("{", "{{").replace("}", "}}"), {"field": field})
+
+
+def fill_default_layers(spec: BaseModel, field: str, default: list[str]) -> None:
+    """Set ``field`` to ``default`` (the architecture's choice) unless the spec names its layers;
+    layers the user wrote down are validated strictly, each against the model's real layers."""
+    if field not in spec.model_fields_set:
+        setattr(spec, field, list(default))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- shared parts ---------------------------------------------------------------------------
+
+
+class ModelSpec(Strict):
+    """Which network: an architecture from zfcore.architectures, optionally with weights."""
+
+    variant: str = Field(
+        "zfnet-small",
+        description="Architecture name (zfcore.architectures: ZFNet and its variants).",
+        json_schema_extra={"enum": architectures.names()},
+    )
+    num_classes: int | None = Field(
+        None,
+        ge=1,
+        description="Classifier width; default: the checkpoint's, else the dataset's class count "
+        "when training, else the variant's.",
+    )
+    checkpoint: Location | None = Field(
+        None, description="Checkpoint file to load weights from: a path, file:// or s3:// URI."
+    )
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, value: str) -> str:
+        try:
+            architectures.get(value)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        return value
+
+    @property
+    def config(self) -> architectures.Architecture:
+        """The architecture as this spec configures it (its classifier width overridden by
+        ``num_classes`` when given; else the architecture's default)."""
+        arch = architectures.get(self.variant)
+        return dataclasses.replace(arch, num_classes=self.num_classes) if self.num_classes else arch
+
+    def layer_names(self) -> list[str]:
+        return self.config.layer_names
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+
+class DatasetSpec(Strict):
+    """Where images come from. Images are resized (short side) and center-cropped to image_size."""
+
+    format: Literal["procedural", "imagefolder", "parquet"] = Field(
+        "procedural",
+        description="procedural: generated shapes (zfcore.data); imagefolder: class/xxx.jpg tree; "
+        "parquet: file or folder with an image-bytes column and a label column.",
+    )
+    uri: Location | None = Field(
+        None,
+        validate_default=True,
+        description="Dataset location (path, file:// or s3://); required unless procedural.",
+    )
+    num_images: int = Field(2000, ge=1, description="Number of generated images (procedural only).")
+    image_size: int | None = Field(
+        None, ge=16, le=4096, description="Side of the square input; default: the model's image_size."
+    )
+    image_column: str = Field("image", description="Parquet column holding encoded image bytes.")
+    label_column: str = Field("label", description="Parquet column holding the class (int or string).")
+    id_column: str | None = Field(
+        None, description="Parquet column with a unique image id; default: 'file:row'."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N images of the stable order.")
+    seed: int = Field(0, description="Generator seed (procedural only).")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_matches_format(cls, value: str | None, info: ValidationInfo) -> str | None:
+        fmt = info.data.get("format")
+        if fmt == "procedural" and value is not None:
+            raise ValueError("procedural datasets are generated and take no uri")
+        if fmt in ("imagefolder", "parquet") and value is None:
+            raise ValueError(f"required for format {fmt!r}")
+        return value
+
+    @field_validator("num_images", "seed")
+    @classmethod
+    def _procedural_only(cls, value: int, info: ValidationInfo) -> int:
+        # Only a non-default value is a mistake: a normalized spec (every field written out)
+        # must validate again.
+        fmt = info.data.get("format")
+        default = cls.model_fields[info.field_name].default
+        if fmt is not None and fmt != "procedural" and value != default:
+            hint = "; use limit to cap other formats" if info.field_name == "num_images" else ""
+            raise ValueError(f"only used by format 'procedural', not {fmt!r}{hint}")
+        return value
+
+
+class ResourcesSpec(Strict):
+    """How much of the cluster a job uses."""
+
+    workers: int = Field(2, ge=1, le=1024, description="Number of Ray workers (actors).")
+    gpus_per_worker: float = Field(
+        1.0, ge=0, le=64, description="GPUs per worker; used only when the cluster has GPUs."
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs reserved per worker.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass per worker.")
+
+
+class SpecBase(Strict):
+    """Fields every job kind shares."""
+
+    name: str = Field(..., min_length=1, max_length=64, description="Job name (slug: a-z, 0-9, '-', '_').")
+    seed: int = Field(0, description="Seed for everything random in the job.")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    output: Location = Field(
+        "./artifacts", description="Artifact store: a path, file:// or s3://bucket/prefix."
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (e.g. http://127.0.0.1:9000); default: AWS_ENDPOINT_URL "
+        "or AWS. Credentials always come from the environment, never from the spec.",
+    )
+    run_id: str | None = Field(
+        None,
+        max_length=128,
+        description="Run id; default: name plus a hash of the spec, so the same spec is the same run.",
+    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not _SLUG.match(value):
+            raise ValueError(f"{value!r} is not a slug: use lowercase letters, digits, '-' and '_'")
+        return value
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str | None) -> str | None:
+        if value is not None and not _RUN_ID.match(value):
+            raise ValueError(f"{value!r} is not a valid run id: use letters, digits, '.', '-', '_'")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+/?$", value):
+            raise ValueError(f"{value!r} is not an endpoint URL like http://host:port")
+        return value
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images fed to the model: the dataset's override or the model's own."""
+        return self.dataset.image_size or self.model.image_size
