@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
         "kind": "atlas",
         "name": "demo",
         "seed": 0,
-        "model": {"variant": "zfnet-small", "checkpoint": str(checkpoint.resolve())},
+        "model": {"arch": "zfnet-small", "checkpoint": str(checkpoint.resolve())},
         # A different seed from training: the atlas is built on images the model never saw.
         "dataset": {"format": "procedural", "num_images": args.atlas_images, "seed": 1},
         "output": str(out),

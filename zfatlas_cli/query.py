@@ -136,7 +136,7 @@ def runs_list(args: argparse.Namespace) -> int:
         if args.json:
             _print_json_lines(runs)
         elif runs:
-            columns = ["kind", "run_id", "name", "committed_at", "model_variant", "images", "layers"]
+            columns = ["kind", "run_id", "name", "committed_at", "model_arch", "images", "layers"]
             _print_table(runs, columns)
         else:
             print("no committed runs", file=sys.stderr)

@@ -8,6 +8,7 @@ image also knows its object's box, so analyses can tell object from background.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,25 +34,30 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+def to_tensor(
+    images: np.ndarray | torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+) -> torch.Tensor:
     """uint8 images (B, H, W, 3) -> normalized float tensor (B, 3, H, W), on the input's device
-    (so a GPU worker copies uint8 and normalizes on the GPU)."""
+    (so a GPU worker copies uint8 and normalizes on the GPU). ``mean``/``std``: per channel, of
+    [0, 1] pixels (the network's preprocessing; default the project's, ImageNet's)."""
     t = torch.as_tensor(images)
     if t.ndim == 3:
         t = t.unsqueeze(0)
     t = t.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(MEAN, dtype=t.dtype, device=t.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=t.dtype, device=t.device).view(1, 3, 1, 1)
-    return (t - mean) / std
+    c = t.shape[1]
+    m = torch.tensor(mean, dtype=t.dtype, device=t.device).view(1, c, 1, 1)
+    s = torch.tensor(std, dtype=t.dtype, device=t.device).view(1, c, 1, 1)
+    return (t - m) / s
 
 
-def to_uint8(tensor: torch.Tensor) -> np.ndarray:
+def to_uint8(tensor: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> np.ndarray:
     """Inverse of :func:`to_tensor`: (B, 3, H, W) normalized -> uint8 (B, H, W, 3)."""
     t = tensor.detach().float().cpu()
     if t.ndim == 3:
         t = t.unsqueeze(0)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    c = t.shape[1]
+    mean = torch.tensor(mean).view(1, c, 1, 1)
+    std = torch.tensor(std).view(1, c, 1, 1)
     t = (t * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
     return t.permute(0, 2, 3, 1).numpy()
 

@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .network import Network, as_network
+from .deconv_graph import DeconvError, Inversion, project_graph
+from .network import Network, as_network, zeros_like_input
+
+__all__ = [
+    "DeconvError", "Deconvolution", "Inversion", "deconvolve", "inspect", "method_for", "project",
+    "project_autograd",
+]
 
 
 def unpool_adjoint(signal: torch.Tensor, switches: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
@@ -53,18 +59,33 @@ class Deconvolution(NamedTuple):
     positions: torch.Tensor  # (B, 2) (y, x) in the layer's map; zeros for fc layers
 
 
-def _forward_tape(network: Network, images: torch.Tensor, layer: str) -> tuple[torch.Tensor, list[_Step]]:
-    """Run the forward pass up to ``layer``'s activation, recording each op for the way down."""
-    target = network.layer_module(layer)
+_CHAIN_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.ReLU, nn.LocalResponseNorm, nn.Flatten, nn.Linear, nn.Dropout)
+
+
+def _chain_to(network: Network, layer: str) -> list[nn.Module] | None:
+    """The chain of modules up to ``layer``'s module when the tape below can undo every one of
+    them (plain convolutions, max pools, ReLUs, LRN, flatten, linear, dropout); else None."""
     chain = network.chain()
     if chain is None:
-        raise ValueError(f"{type(network.module).__name__} is not a plain chain of modules")
+        return None
+    target = network.layer_module(layer)
+    if not any(m is target for m in chain):
+        return None
+    upto = chain[: next(i for i, m in enumerate(chain) if m is target) + 1]
+    for m in upto:
+        if not isinstance(m, _CHAIN_MODULES):
+            return None
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros"):
+            return None
+    return upto
+
+
+def _forward_tape(chain: list[nn.Module], images: torch.Tensor) -> tuple[torch.Tensor, list[_Step]]:
+    """Run the chain (ending at the layer's module), recording each op for the way down."""
     tape: list[_Step] = []
     x = images
     for module in chain:
         if isinstance(module, nn.Conv2d):
-            if module.groups != 1 or module.dilation != (1, 1):
-                raise ValueError("deconvnet supports plain convolutions only")
             tape.append(_Step("conv", module, x.shape))
             x = module(x)
         elif isinstance(module, nn.MaxPool2d):
@@ -87,11 +108,7 @@ def _forward_tape(network: Network, images: torch.Tensor, layer: str) -> tuple[t
             x = module(x)
         elif isinstance(module, nn.Dropout):
             pass  # eval semantics: identity both ways
-        else:
-            raise ValueError(f"deconvnet does not know how to invert {type(module).__name__}")
-        if module is target:
-            return x, tape
-    raise KeyError(layer)  # pragma: no cover - layer_module already validated the name
+    return x, tape
 
 
 def _down(signal: torch.Tensor, tape: list[_Step]) -> torch.Tensor:
@@ -153,22 +170,78 @@ def _select(
     return signal, values, pos
 
 
-@torch.no_grad()
 def deconvolve(
     model: nn.Module | Network,
     images: torch.Tensor,
     layer: str,
     channels: torch.Tensor | list[int],
     positions: torch.Tensor | list[tuple[int, int]] | None = None,
+    *,
+    method: str = "auto",
 ) -> Deconvolution:
     """Project, for every image b, the activation (channels[b], positions[b]) of ``layer``.
 
-    images: (B, 3, H, W). positions: (B, 2) (y, x), or None for the strongest activation of the
-    map. Works for conv and fc layers, on any device the model is on; one pass for the batch.
+    images: (B, C, H, W). positions: (B, 2) (y, x), or None for the strongest activation of the
+    map. Works for conv and fc layers of any network (``model`` any ``nn.Module``, ``layer`` a
+    layer of its contract: for most modules, a module path), on any device the model is on; one
+    pass for the batch. A network that is a plain chain of modules (ZFNet) goes down a tape of
+    its forward pass; any other through autograd with ReLU rectifying the signal
+    (:mod:`zfcore.deconv_graph`); both give the same projections. ``method`` "graph" forces the
+    second way, "chain" the first (ValueError if the network is not such a chain).
     """
-    acts, tape = _forward_tape(as_network(model), images, layer)
-    signal, values, pos = _select(acts, channels, positions)
-    return Deconvolution(_down(signal, tape), values, pos)
+    return _deconvolve(as_network(model), images, layer, channels, positions, method, None)
+
+
+def _deconvolve(
+    network: Network,
+    images: torch.Tensor,
+    layer: str,
+    channels: torch.Tensor | list[int],
+    positions: torch.Tensor | list[tuple[int, int]] | None,
+    method: str,
+    inversion: Inversion | None,
+) -> Deconvolution:
+    if method not in ("auto", "chain", "graph"):
+        raise ValueError(f"method must be auto, chain or graph, not {method!r}")
+    network.check_layers([layer])
+    chain = _chain_to(network, layer) if method != "graph" and inversion is None else None
+    if method == "chain" and chain is None:
+        raise ValueError(f"{type(network.module).__name__} up to {layer!r} is not a chain the tape can undo")
+    if chain is not None:
+        with torch.no_grad():
+            acts, tape = _forward_tape(chain, images)
+            signal, values, pos = _select(acts, channels, positions)
+            return Deconvolution(_down(signal, tape), values, pos)
+    projections, values, pos = project_graph(
+        network, images, layer, lambda acts: _select(acts, channels, positions), inversion
+    )
+    return Deconvolution(projections, values, pos)
+
+
+def method_for(model: nn.Module | Network, layer: str) -> str:
+    """Which way :func:`deconvolve` goes down from ``layer``: "chain" (the tape of a plain chain of
+    modules) or "graph" (autograd with ReLU rectifying the signal)."""
+    return "chain" if _chain_to(as_network(model), layer) is not None else "graph"
+
+
+def inspect(model: nn.Module | Network, layer: str, image_size: int | None = None) -> Inversion:
+    """How the deconvnet goes down from ``layer`` (which activations it meets), from one
+    projection of one unit of a random image; :class:`DeconvError` if it cannot. Works on a
+    network on the ``meta`` device (shapes only: a check that costs no compute)."""
+    network = as_network(model)
+    size = image_size or network.preprocess.image_size
+    zeros = zeros_like_input(network.module, network.preprocess.channels, size)
+    image = torch.randn(zeros.shape, dtype=zeros.dtype, device=zeros.device)
+
+    def one_unit(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        signal = torch.zeros_like(acts)
+        signal.view(acts.shape[0], -1)[:, 0] = 1.0
+        return signal, signal.view(acts.shape[0], -1)[:, 0], torch.zeros(acts.shape[0], 2, dtype=torch.long)
+
+    inversion = Inversion()
+    network.check_layers([layer])
+    project_graph(network, image, layer, one_unit, inversion)
+    return inversion
 
 
 def project(
@@ -177,9 +250,11 @@ def project(
     layer: str,
     channels: torch.Tensor | list[int],
     positions: torch.Tensor | list[tuple[int, int]] | None = None,
+    *,
+    method: str = "auto",
 ) -> torch.Tensor:
-    """Pixel-space projections (B, 3, H, W) of one activation per image; see :func:`deconvolve`."""
-    return deconvolve(model, images, layer, channels, positions).projections
+    """Pixel-space projections (B, C, H, W) of one activation per image; see :func:`deconvolve`."""
+    return deconvolve(model, images, layer, channels, positions, method=method).projections
 
 
 def _relu_signal_hook(module: nn.Module, grad_input: tuple, grad_output: tuple) -> tuple:

@@ -23,8 +23,10 @@ unchanged; a pass that only needs some layers stops right after the deepest of t
 
 from __future__ import annotations
 
+import copy
+import difflib
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -81,45 +83,90 @@ class Network:
     """An ``nn.Module`` with named layers (see the module docstring).
 
     ``layers`` maps each layer's name to the path (as ``module.named_modules()`` names it) of the
-    module whose output is that layer's activation, in forward order. ``chain``, when given,
-    returns the network's modules in execution order if its forward pass is exactly that chain.
-    ``convs`` maps a layer to the path of the convolution whose filters produce it. ``rebuild``
-    builds a fresh module of the same architecture (its init drawn from the global RNG).
+    module whose output is that layer's activation, in forward order; None (any module): every
+    module that runs once per forward pass and returns a map (B, C, H, W) or a vector (B, F) is a
+    layer, named by its path (:func:`discover`). ``defaults`` are the layers jobs use when a spec
+    names none (None: the last layer at each resolution, and the last vector before the
+    classifier). ``chain``, when given, returns the network's modules in execution order if its
+    forward pass is exactly that chain. ``convs`` maps a layer to the path of the convolution whose
+    filters produce it (None: every convolution that is a layer). ``rebuild`` builds a fresh module
+    of the same architecture (its init drawn from the global RNG).
     """
 
     def __init__(
         self,
         module: nn.Module,
-        layers: Mapping[str, str],
+        layers: Mapping[str, str] | None,
         preprocess: Preprocess,
         *,
+        defaults: Sequence[str] | None = None,
         chain: Callable[[], list[nn.Module]] | None = None,
         convs: Mapping[str, str] | None = None,
         rebuild: Callable[[], nn.Module] | None = None,
     ) -> None:
         self.module = module
         self.preprocess = preprocess
-        self._paths = dict(layers)
+        self._paths = dict(layers) if layers is not None else None
+        self._defaults = list(defaults) if defaults is not None else None
         self._chain = chain
-        self._convs = dict(convs or {})
+        self._convs = dict(convs) if convs is not None else None
         self._rebuild = rebuild
         self._shapes: dict[int, dict[str, LayerInfo]] = {}
+        self._found: Discovery | None = None
         # Layers whose activation a later in-place op overwrites (found on first use): captured
         # as copies from then on (see _capture).
         self._copy: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"Network({type(self.module).__name__}, layers={self.layer_names})"
+        return f"Network({type(self.module).__name__}, {len(self.layer_names)} layers)"
+
+    def configured(
+        self,
+        *,
+        preprocess: Preprocess | None = None,
+        defaults: Sequence[str] | None = None,
+        rebuild: Callable[[], nn.Module] | None = None,
+    ) -> Network:
+        """The same network (module, layers, chain, convs) with other preprocessing, default layers
+        or rebuild."""
+        return Network(
+            self.module,
+            self._paths,
+            preprocess or self.preprocess,
+            defaults=defaults if defaults is not None else self._defaults,
+            chain=self._chain,
+            convs=self._convs,
+            rebuild=rebuild or self._rebuild,
+        )
 
     # --- layers ---
+
+    def _discovered(self) -> Discovery:
+        if self._found is None:
+            self._found = discover(self.module, self.preprocess.channels, self.preprocess.image_size)
+        return self._found
 
     @property
     def layer_names(self) -> list[str]:
         """Scannable layers, in forward order."""
-        return list(self._paths)
+        if self._paths is not None:
+            return list(self._paths)
+        return [info.name for info in self._discovered().layers]
+
+    @property
+    def default_layers(self) -> list[str]:
+        """The layers jobs use when a spec names none, in forward order."""
+        if self._defaults is not None:
+            return list(self._defaults)
+        if self._paths is not None:
+            return list(self._paths)
+        return list(self._discovered().defaults)
 
     def layer_path(self, layer: str) -> str:
         """The module path whose output is ``layer``'s activation."""
+        if self._paths is None:
+            self._check_path(layer)
+            return layer
         self.check_layers([layer])
         return self._paths[layer]
 
@@ -127,7 +174,23 @@ class Network:
         """The module whose output is ``layer``'s activation (hook it to read that layer)."""
         return self.module.get_submodule(self.layer_path(layer))
 
+    def _check_path(self, layer: str) -> None:
+        if isinstance(layer, str) and layer:
+            try:
+                self.module.get_submodule(layer)
+                return
+            except AttributeError:
+                pass
+        close = difflib.get_close_matches(str(layer), self.layer_names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KeyError(f"{type(self.module).__name__} has no module {layer!r}{hint}")
+
     def check_layers(self, layers: Iterable[str]) -> None:
+        """KeyError naming the first layer this network does not have (with the closest name)."""
+        if self._paths is None:
+            for layer in layers:
+                self._check_path(layer)
+            return
         unknown = [name for name in layers if name not in self._paths]
         if unknown:
             raise KeyError(f"unknown layers {sorted(unknown)}; this model has {self.layer_names}")
@@ -137,27 +200,28 @@ class Network:
         preprocess size), measured by one forward pass of a zero image (cached per size)."""
         size = image_size or self.preprocess.image_size
         if size not in self._shapes:
-            param = next(self.module.parameters(), None)
-            device = param.device if param is not None else torch.device("cpu")
-            probe = torch.zeros(1, self.preprocess.channels, size, size, device=device)
+            probe = zeros_like_input(self.module, self.preprocess.channels, size)
             with torch.no_grad(), evaluating(self.module):
                 acts = self.features(probe, self.layer_names)
-            self._shapes[size] = {
-                name: LayerInfo(name, a.shape[1], *(a.shape[2:4] if a.ndim == 4 else (1, 1)), a.ndim == 4)
-                for name, a in acts.items()
-            }
+            self._shapes[size] = {name: _info(name, a) for name, a in acts.items()}
         return self._shapes[size]
 
     def spatial_layers(self) -> list[str]:
-        """Layers with (C, H, W) maps, in forward order (conv layers, as opposed to vectors)."""
-        return [name for name, info in self.layers().items() if info.spatial]
+        """The default layers that are (C, H, W) maps, in forward order (conv layers)."""
+        info = self.layers()
+        return [name for name in self.default_layers if info[name].spatial]
 
     def vector_layers(self) -> list[str]:
-        """Layers that are one vector per image (fully connected ones), in forward order."""
-        return [name for name, info in self.layers().items() if not info.spatial]
+        """The default layers that are one vector per image (fully connected ones), in order."""
+        info = self.layers()
+        return [name for name in self.default_layers if not info[name].spatial]
 
     def layer_convs(self) -> dict[str, nn.Conv2d]:
         """The convolution whose filters produce each conv layer (filter statistics, training)."""
+        if self._convs is None:
+            names = set(self.layer_names)
+            convs = self.module.named_modules()
+            return {path: m for path, m in convs if isinstance(m, nn.Conv2d) and path in names}
         return {layer: self.module.get_submodule(path) for layer, path in self._convs.items()}
 
     def chain(self) -> list[nn.Module] | None:
@@ -166,12 +230,17 @@ class Network:
 
     def initialized(self, seed: int) -> nn.Module:
         """A fresh module of this architecture with its init drawn from ``seed`` (the global RNG is
-        left untouched), in eval mode."""
-        if self._rebuild is None:
-            raise TypeError(f"{type(self.module).__name__} cannot be rebuilt: give its Network a rebuild")
+        left untouched), in eval mode. Without a ``rebuild``: a copy whose every submodule's
+        ``reset_parameters()`` is called."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            fresh = self._rebuild()
+            if self._rebuild is not None:
+                fresh = self._rebuild()
+            else:
+                fresh = copy.deepcopy(self.module)
+                for m in fresh.modules():
+                    if callable(getattr(m, "reset_parameters", None)):
+                        m.reset_parameters()
         return fresh.eval()
 
     # --- forward passes ---
@@ -243,23 +312,120 @@ class Network:
         return hook
 
 
+def _info(name: str, a: torch.Tensor) -> LayerInfo:
+    return LayerInfo(name, a.shape[1], *(a.shape[2:4] if a.ndim == 4 else (1, 1)), a.ndim == 4)
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """A module's layers (every module run once per pass that returns a map or a vector, the
+    classifier excluded), in forward order, and the default ones."""
+
+    layers: tuple[LayerInfo, ...]
+    defaults: tuple[str, ...]
+
+
+def discover(module: nn.Module, channels: int, image_size: int) -> Discovery:
+    """The layers of any module, from one forward pass of a zero image (on the module's device;
+    a module on the ``meta`` device costs no compute). See :class:`Discovery`.
+
+    Defaults: per run of layers at one map size, the last one among the shallowest module paths
+    (so ``layer3``, not ``layer3.5.relu``), leaving out 1x1 maps; then the last vector (or 1x1
+    map) before the classifier, the input of the paper's linear probes.
+    """
+    calls: dict[str, int] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(m: nn.Module, inputs: Any, output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                order.append(name)
+                if isinstance(output, torch.Tensor):
+                    outputs[name] = output
+
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in module.named_modules() if name]
+    try:
+        with torch.no_grad(), evaluating(module):
+            result = module(zeros_like_input(module, channels, image_size))
+    finally:
+        for h in handles:
+            h.remove()
+    once = [n for n in order if calls[n] == 1 and n in outputs and outputs[n] is not result]
+    layers = [_info(name, outputs[name]) for name in once if outputs[name].ndim in (2, 4)]
+    # The classifier and what wraps it (a container, a final pool of class maps) are the output,
+    # not a layer: drop the trailing layers that are as wide as the output.
+    width = result.numel() if isinstance(result, torch.Tensor) else -1
+    while layers and layers[-1].channels * layers[-1].height * layers[-1].width == width:
+        layers.pop()
+    return Discovery(tuple(layers), tuple(_default_layers(layers)))
+
+
+def _default_layers(layers: list[LayerInfo]) -> list[str]:
+    """The stages of a network: its top-level layers (a lone container, like VGG's ``features``,
+    opened up into its children), the last one at each map size; then its last vector (or 1x1
+    map) before the classifier."""
+    by_name = {info.name: info for info in layers}
+
+    def children(prefix: str) -> list[str]:
+        depth = prefix.count(".") + 1 if prefix else 0
+        start = f"{prefix}." if prefix else ""
+        return [n for n in by_name if n.startswith(start) and n.count(".") == depth]
+
+    def is_map(name: str) -> bool:
+        info = by_name[name]
+        return info.spatial and info.height * info.width > 1
+
+    level = children("")
+    for _ in range(3):  # open up containers until the level shows the network's resolutions
+        if len({(by_name[n].height, by_name[n].width) for n in level if is_map(n)}) >= 3:
+            break
+        inside = {n: children(n) for n in level}
+        widest = max(level, key=lambda n: len(inside[n]), default=None)
+        if widest is None or not inside[widest]:
+            break
+        at = level.index(widest)
+        level = level[:at] + inside[widest] + level[at + 1:]
+    stages: list[str] = []
+    for name in level:
+        if not is_map(name):
+            continue
+        size = (by_name[name].height, by_name[name].width)
+        if stages and (by_name[stages[-1]].height, by_name[stages[-1]].width) == size:
+            stages[-1] = name
+        else:
+            stages.append(name)
+    vectors = [info for info in layers if not is_map(info.name)]
+    if vectors:
+        depth = min(info.name.count(".") for info in vectors)
+        stages.append([info.name for info in vectors if info.name.count(".") == depth][-1])
+    return stages
+
+
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Network] = weakref.WeakKeyDictionary()
 
 
 def as_network(model: nn.Module | Network) -> Network:
-    """The :class:`Network` of ``model``: itself if it is one, else the one its
-    ``zfatlas_network()`` method returns (kept for the module's lifetime)."""
+    """The :class:`Network` of ``model``: itself if it is one; else the one attached to it
+    (:func:`attach`), or that its ``zfatlas_network()`` method returns; else one whose layers are
+    its module paths, with ImageNet preprocessing at 224 px. Kept for the module's lifetime."""
     if isinstance(model, Network):
         return model
     network = _ATTACHED.get(model)
     if network is None:
         describe = getattr(model, "zfatlas_network", None)
-        if describe is None:
-            raise TypeError(
-                f"{type(model).__name__} does not describe its layers (no zfatlas_network() method)"
-            )
-        network = describe()
+        network = describe() if describe is not None else Network(model, None, Preprocess(224, resize=256))
         _ATTACHED[model] = network
+    return network
+
+
+def attach(network: Network) -> Network:
+    """Make ``network`` what :func:`as_network` returns for its module (a builder that knows the
+    architecture's preprocessing attaches it)."""
+    _ATTACHED[network.module] = network
     return network
 
 
@@ -270,6 +436,14 @@ def output_layer(module: nn.Module) -> str:
     if not linears:
         raise ValueError(f"{type(module).__name__} has no nn.Linear classifier")
     return linears[-1]
+
+
+def zeros_like_input(module: nn.Module, channels: int, size: int, batch: int = 1) -> torch.Tensor:
+    """A zero image batch (B, channels, size, size) on the module's device, in its dtype."""
+    param = next(module.parameters(), None)
+    if param is None:
+        return torch.zeros(batch, channels, size, size)
+    return torch.zeros(batch, channels, size, size, device=param.device, dtype=param.dtype)
 
 
 def module_of(model: nn.Module | Network) -> nn.Module:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .network import Network, as_network, evaluating
+from .network import Network, as_network, evaluating, zeros_like_input
 
 
 @dataclass(frozen=True)
@@ -193,9 +193,7 @@ def geometries(model: nn.Module | Network, image_size: int | None = None) -> dic
     size = image_size or network.preprocess.image_size
     per_size = _CACHE.setdefault(network, {})
     if size not in per_size:
-        param = next(network.module.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        x = torch.zeros(1, network.preprocess.channels, size, size, device=device)
+        x = zeros_like_input(network.module, network.preprocess.channels, size)
         setattr(x, _ATTR, IDENTITY)
         with torch.no_grad(), evaluating(network), _GeometryTracer():
             acts = network.features(x, network.layer_names)

@@ -148,6 +148,17 @@ def feature_map_sizes(config: ZFNetConfig, image_size: int | None = None) -> dic
     return sizes
 
 
+def zfnet_preprocess(config: ZFNetConfig) -> Preprocess:
+    """The project's preprocessing for a config: images resized (short side) and center-cropped to
+    its image size, ImageNet's per-channel statistics (the procedural set is on the same scale)."""
+    channels = config.in_channels
+    return Preprocess(
+        image_size=config.image_size,
+        mean=IMAGENET_MEAN if channels == 3 else (0.5,) * channels,
+        std=IMAGENET_STD if channels == 3 else (0.25,) * channels,
+    )
+
+
 def layer_infos(config: ZFNetConfig, image_size: int | None = None) -> list[LayerInfo]:
     """The scannable layers of a config, from the config alone (no network is built)."""
     sides = feature_map_sizes(config, image_size)
@@ -245,16 +256,10 @@ class ZFNet(nn.Module):
             layer: ("features." if i < len(config.conv) else "classifier.") + f"relu{_index(layer, i + 1)}"
             for i, layer in enumerate(config.layer_names)
         }
-        channels = config.in_channels
-        preprocess = Preprocess(
-            image_size=config.image_size,
-            mean=IMAGENET_MEAN if channels == 3 else (0.5,) * channels,
-            std=IMAGENET_STD if channels == 3 else (0.25,) * channels,
-        )
         return Network(
             self,
             paths,
-            preprocess,
+            zfnet_preprocess(config),
             chain=lambda: [*self.features.children(), *self.classifier.children()],
             convs={name: f"features.{name}" for name in config.conv_names},
             rebuild=lambda: ZFNet(config=config),

@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from jobs.datasets import ImageSource, open_dataset
-from jobs.networks import load_model
+from jobs.networks import load_model, preflight
 from jobs.runtime.actors import run_on_actors, started_workers, worker_info
 from jobs.runtime.cluster import connect, worker_options
 from jobs.runtime.device import pick_device, torch_threads
 from jobs.specs.base import SpecBase
 from jobs.store import RunWriter
+from zfcore.data import to_tensor
 from zfcore.network import Network, as_network
 
 
@@ -37,14 +38,19 @@ class AnalysisContext:
         self.spec = spec
         self.run = run
         self.device = pick_device()
-        model, self.model_fingerprint = load_model(spec.model, spec.seed, spec.endpoint_url)
+        self.preprocess = spec.preprocess
+        model, self.model_fingerprint = load_model(spec.model, spec.seed, spec.endpoint_url, self.preprocess)
         self.model: nn.Module = model.to(self.device).eval()
         self.network: Network = as_network(self.model)
         self.image_size = spec.image_size
-        self.source: ImageSource = open_dataset(dataset or spec.dataset, self.image_size, spec.endpoint_url)
+        self.source: ImageSource = open_dataset(dataset or spec.dataset, spec.preprocess, spec.endpoint_url)
         self.class_names = self.source.class_names
         self.num_classes = _num_classes(self.network, self.image_size, self.device)
         self._random_init: nn.Module | None = None
+
+    def tensor(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (B, H, W, 3) images as the network's normalized input on this worker's device."""
+        return to_tensor(images, self.preprocess.mean, self.preprocess.std).to(self.device)
 
     def random_init(self, seed: int) -> nn.Module:
         """An untrained network of the same architecture (the probes' baseline), built once."""
@@ -94,11 +100,13 @@ class AnalysisWorker:
 
 @contextmanager
 def analysis_workers(
-    spec: SpecBase, run: RunWriter, items: int, dataset: Any = None
+    spec: SpecBase, run: RunWriter, items: int, dataset: Any = None, layers: Sequence[str] = ()
 ) -> Iterator[tuple[list[Any], list[dict[str, Any]]]]:
     """Workers for ``items`` work items (no more than there are items, one per GPU on a GPU
-    cluster), killed when the block ends. Yields (actors, their infos)."""
+    cluster), killed when the block ends; first the driver's checks (:func:`preflight`: the
+    checkpoint, and the deconvnet on ``layers``). Yields (actors, their infos)."""
     connect()
+    preflight(spec.model, spec.preprocess, layers, spec.endpoint_url)  # before any worker starts
     res = spec.resources
     count, options = worker_options(res.workers, res.gpus_per_worker, res.cpus_per_worker)
     with started_workers(
@@ -113,10 +121,12 @@ def analyse(
     fn: Callable[..., dict[str, Any]],
     items: Sequence[Any],
     on_result: Callable[[Any, dict[str, Any]], None],
+    layers: Sequence[str] = (),
 ) -> tuple[list[dict[str, Any]], float]:
     """Run ``fn(context, item)`` for every item on analysis workers, handing each result to
-    ``on_result(item, result)``. Returns (the workers' infos, seconds the work took)."""
-    with analysis_workers(spec, run, len(items)) as (actors, workers):
+    ``on_result(item, result)``. Returns (the workers' infos, seconds the work took). ``layers``:
+    those the work projects with the deconvnet (checked first)."""
+    with analysis_workers(spec, run, len(items), layers=layers) as (actors, workers):
         start = time.perf_counter()
         run_on_actors(actors, lambda a, item: a.work.remote(fn, item), items, on_result)
         return workers, time.perf_counter() - start

@@ -17,6 +17,7 @@ manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -31,6 +32,7 @@ from jobs.atlas.scanner import AtlasScanner, projection_groups
 from jobs.atlas.spec import AtlasSpec
 from jobs.atlas.tables import CHANNELS_PER_ROW_GROUP, FEATURES, FEATURES_SCHEMA
 from jobs.datasets import open_dataset, shard_ranges
+from jobs.networks import preflight
 from jobs.rendering.images import grid
 from jobs.runtime.actors import peak_rss_mb, run_on_actors, started_workers, worker_info
 from jobs.runtime.cluster import connect, worker_options
@@ -59,11 +61,13 @@ def build_atlas(spec: AtlasSpec, run: RunWriter, *, quiet: bool = False) -> dict
     """Run the atlas job into ``run`` (not committed here); returns the manifest fields."""
     t0 = time.perf_counter()
     connect()
-    source = open_dataset(spec.dataset, spec.image_size, spec.endpoint_url)
+    source = open_dataset(spec.dataset, spec.preprocess, spec.endpoint_url)
     shards = shard_ranges(len(source), spec.shard_size)
     res = spec.resources
     count, options = worker_options(res.workers, res.gpus_per_worker, res.cpus_per_worker)
     count = min(count, len(shards))
+    # Before any worker starts: the checkpoint fits, and the deconvnet can go down every layer.
+    deconvnet = preflight(spec.model, spec.preprocess, spec.layers if spec.project else [], spec.endpoint_url)
     with started_workers(AtlasWorker, count, options, spec, run, options["num_cpus"],
                          name=f"zfatlas-atlas-{run.run_id}") as (actors, workers):
         log.info("atlas %s: %d images in %d shards on %d workers", run.run_id, len(source), len(shards),
@@ -144,9 +148,10 @@ def build_atlas(spec: AtlasSpec, run: RunWriter, *, quiet: bool = False) -> dict
         "images_skipped": len(skipped),
         "skipped": [{"image_id": i, "reason": r} for i, r in skipped[:1000]],
         "layers": spec.layers,
-        "image_size": spec.image_size,
+        "preprocess": dataclasses.asdict(spec.preprocess),
         "k": spec.k,
         "precision": spec.precision,
+        "deconvnet": deconvnet,
         "features_rows": table.num_rows,
         "items_lost_on_reread": lost,
         "workers": [

@@ -62,12 +62,13 @@ class AtlasScanner:
         self.spec = spec
         self.run = run
         self.device = pick_device()
-        model, self.model_fingerprint = load_model(spec.model, spec.seed, spec.endpoint_url)
+        self.preprocess = spec.preprocess
+        model, self.model_fingerprint = load_model(spec.model, spec.seed, spec.endpoint_url, self.preprocess)
         self.memory_format = memory_format(self.device)
         self.model = model.to(self.device, memory_format=self.memory_format).eval()
         self.network = as_network(self.model)
         self.image_size = spec.image_size
-        self.source = open_dataset(spec.dataset, self.image_size, spec.endpoint_url)
+        self.source = open_dataset(spec.dataset, spec.preprocess, spec.endpoint_url)
         self.shapes = layer_shapes(self.network, spec.layers, self.image_size)
         self.autocast = torch.bfloat16 if spec.precision == "bf16" else None
 
@@ -78,7 +79,8 @@ class AtlasScanner:
             stats["skipped"].extend(batch.skipped)
             stats["images"] += len(batch.indices)
             if len(batch.indices):
-                yield to_device(batch.images, self.device), torch.from_numpy(batch.indices).to(self.device)
+                x = to_device(batch.images, self.device, self.preprocess)
+                yield x, torch.from_numpy(batch.indices).to(self.device)
 
     def scan(self, shard: range) -> dict[str, Any]:
         start = time.perf_counter()
@@ -121,7 +123,7 @@ class AtlasScanner:
         batch = self.source.read(wanted)
         found = {int(i): n for n, i in enumerate(batch.indices)}
         usable = [it for it in items if it[2] in found]
-        images = to_device(batch.images, self.device) if len(batch.indices) else None
+        images = to_device(batch.images, self.device, self.preprocess) if len(batch.indices) else None
         values = np.zeros(len(usable), np.float32)
         projections = np.zeros((len(usable), 3, self.image_size, self.image_size), np.float32)
         bs = self.spec.resources.batch_size

@@ -49,6 +49,7 @@ class ImageSource(ABC):
     """A fixed, ordered list of labelled images."""
 
     image_size: int
+    resize: int | None = None  # short side before the center crop (None: image_size)
 
     @abstractmethod
     def __len__(self) -> int: ...

@@ -20,10 +20,15 @@ class ImageFolderSource(StoreSource):
     relative paths. Files outside a class folder and non-image extensions are ignored."""
 
     def __init__(
-        self, uri: str, image_size: int, endpoint_url: str | None = None, limit: int | None = None
+        self,
+        uri: str,
+        image_size: int,
+        endpoint_url: str | None = None,
+        limit: int | None = None,
+        resize: int | None = None,
     ) -> None:
         super().__init__(uri, endpoint_url)
-        self.image_size = image_size
+        self.image_size, self.resize = image_size, resize
         objects = [
             o
             for o in self.store.list_objects("")
@@ -64,7 +69,7 @@ class ImageFolderSource(StoreSource):
             raise
         except OSError as exc:
             return index, None, f"{type(exc).__name__}: {exc}"
-        image, reason = decode_or_reason(data, self.image_size)
+        image, reason = decode_or_reason(data, self.image_size, self.resize)
         return index, image, reason
 
     def read(self, indices: Sequence[int]) -> Batch:
@@ -86,4 +91,5 @@ class ImageFolderSource(StoreSource):
 
     def fingerprint(self) -> str:
         entries = (f"{k}\t{s}" for k, s in zip(self.keys, self.sizes, strict=True))
-        return content_hash(["imagefolder", str(self.image_size), *entries])
+        sizes = [str(self.image_size)] + ([f"resize={self.resize}"] if self.resize else [])
+        return content_hash(["imagefolder", *sizes, *entries])

@@ -49,13 +49,14 @@ class ParquetSource(StoreSource):
         id_column: str | None = None,
         endpoint_url: str | None = None,
         limit: int | None = None,
+        resize: int | None = None,
     ) -> None:
         loc = parse_uri(uri)
         single = loc.path.lower().endswith((".parquet", ".parq", ".pq"))
         # A single file: the store is its folder, so the id's file part is just its name.
         root = str(loc.parent_and_name()[0]) if single else uri
         super().__init__(root, endpoint_url)
-        self.image_size = image_size
+        self.image_size, self.resize = image_size, resize
         self.image_column, self.label_column, self.id_column = image_column, label_column, id_column
         name = loc.parent_and_name()[1] if single else ""
         listed = [
@@ -150,7 +151,7 @@ class ParquetSource(StoreSource):
                 if data is None:
                     reason = f"null in column {self.image_column!r}"
                 else:
-                    image, reason = decode_or_reason(data, self.image_size)
+                    image, reason = decode_or_reason(data, self.image_size, self.resize)
                     if image is not None:
                         rows.append((i, image, label))
                         continue
@@ -161,7 +162,8 @@ class ParquetSource(StoreSource):
     def fingerprint(self) -> str:
         meta = json.dumps([self.files, self.file_sizes, [g.rows for g in self.groups]])
         columns = f"{self.image_column}|{self.label_column}|{self.id_column}"
-        return content_hash(["parquet", str(self.image_size), str(len(self)), columns, meta, *self._ids])
+        sizes = [str(self.image_size)] + ([f"resize={self.resize}"] if self.resize else [])
+        return content_hash(["parquet", *sizes, str(len(self)), columns, meta, *self._ids])
 
 
 def _encode_labels(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, list[str]]:

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.results.query import AtlasReader, QueryError
+from jobs.results.query import AtlasReader, QueryError, model_arch
 from jobs.store import Store, check_key
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _channels(reader: AtlasReader, layers: list[str]) -> dict[tuple[str, int], _
 
 
 def _variant(reader: AtlasReader) -> str | None:
-    return ((reader.manifest.get("spec") or {}).get("model") or {}).get("variant")
+    return model_arch(reader.manifest)
 
 
 def _comparable_layers(

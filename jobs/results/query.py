@@ -70,6 +70,12 @@ class ExportResult:
     destination: str
 
 
+def model_arch(manifest: dict[str, Any]) -> str | None:
+    """The architecture a run's model was (runs before 0.2 called it ``variant``)."""
+    model = (manifest.get("spec") or {}).get("model") or {}
+    return model.get("arch") or model.get("variant")
+
+
 def run_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """The fields of a manifest worth listing (no file list, no full spec)."""
     spec = manifest.get("spec") or {}
@@ -80,7 +86,8 @@ def run_summary(manifest: dict[str, Any]) -> dict[str, Any]:
         "run_id": manifest.get("run_id"),
         "name": manifest.get("name"),
         "committed_at": manifest.get("committed_at"),
-        "model_variant": model.get("variant"),
+        "model_arch": model_arch(manifest),
+        "model_checkpoint": model.get("checkpoint"),
         "model_fingerprint": manifest.get("model_fingerprint"),
         "dataset_format": dataset.get("format"),
         "dataset_fingerprint": manifest.get("dataset_fingerprint"),

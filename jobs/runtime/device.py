@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from zfcore.data import to_tensor
+from zfcore.network import Preprocess
 
 
 def torch_threads(num_cpus: float) -> int:
@@ -31,10 +32,12 @@ def tune_convolutions(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalized float (B, 3, H, W) on ``device``; the copy is uint8 (4x
-    less traffic) and asynchronous from pinned memory on GPU."""
+def to_device(images: np.ndarray, device: torch.device, preprocess: Preprocess | None = None) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) on ``device``, normalized with the preprocessing's
+    mean and std (default: the project's); the copy is uint8 (4x less traffic) and asynchronous
+    from pinned memory on GPU."""
     t = torch.from_numpy(np.ascontiguousarray(images))
     if device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
-    return to_tensor(t).contiguous(memory_format=memory_format(device))
+    norm = (preprocess.mean, preprocess.std) if preprocess is not None else ()
+    return to_tensor(t, *norm).contiguous(memory_format=memory_format(device))

@@ -11,22 +11,26 @@ kinds is :mod:`jobs.kinds`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from jobs.uris import parse_uri
 from zfcore import architectures
+from zfcore.network import Preprocess
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-_]*$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -59,7 +63,12 @@ def _layer(value: str, info: ValidationInfo) -> str:
     if isinstance(model, ModelSpec):
         names = model.layer_names()
         if value not in names:
-            raise ValueError(f"unknown layer {value!r}; model {model.variant!r} has {', '.join(names)}")
+            close = difflib.get_close_matches(value, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            shown = ", ".join(names) if len(names) <= 12 else (
+                f"{', '.join(names[:12])}, ... ({len(names)} layers: zfatlas layers {model.arch} lists them)"
+            )
+            raise ValueError(f"unknown layer {value!r}{hint}; model {model.arch!r} has {shown}")
     return value
 
 
@@ -95,39 +104,114 @@ class Strict(BaseModel):
 # --- shared parts ---------------------------------------------------------------------------
 
 
-class ModelSpec(Strict):
-    """Which network: an architecture from zfcore.architectures, optionally with weights."""
+class PreprocessSpec(Strict):
+    """How images are prepared for the network; every field defaults to the architecture's."""
 
-    variant: str = Field(
+    image_size: int | None = Field(
+        None, ge=16, le=4096, description="Side of the square center crop fed to the network."
+    )
+    resize: int | None = Field(
+        None,
+        ge=16,
+        le=8192,
+        description="Short side images are resized to before the crop (ImageNet models: 256 for a "
+        "224 crop); default: the architecture's, else image_size.",
+    )
+    mean: list[float] | None = Field(
+        None, min_length=1, max_length=4, description="Per-channel mean subtracted from [0, 1] pixels."
+    )
+    std: list[float] | None = Field(
+        None, min_length=1, max_length=4, description="Per-channel std the pixels are divided by."
+    )
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, value: list[float] | None) -> list[float] | None:
+        for i, v in enumerate(value or []):
+            if not v > 0:
+                raise ValueError(f"std must be positive (item {i} is {v})")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreprocessSpec:
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise field_error("std", f"{len(self.std)} values for {len(self.mean)} mean values")
+        if self.resize is not None and self.image_size is not None and self.resize < self.image_size:
+            raise field_error("resize", f"{self.resize} is smaller than the {self.image_size}px crop")
+        return self
+
+
+class ModelSpec(Strict):
+    """Which network: an architecture (zfcore.architectures), optionally with weights."""
+
+    arch: str = Field(
         "zfnet-small",
-        description="Architecture name (zfcore.architectures: ZFNet and its variants).",
-        json_schema_extra={"enum": architectures.names()},
+        validation_alias=AliasChoices("arch", "variant"),  # "variant": its name before 0.2
+        description="zfnet, zfnet-small, table3-* (ZFNet and the paper's variants); torchvision:<model> "
+        "(any torchvision classification model, e.g. torchvision:resnet50); or package.module:factory "
+        "(your own: a callable taking num_classes and returning an nn.Module, importable where the "
+        "job runs).",
     )
     num_classes: int | None = Field(
         None,
         ge=1,
         description="Classifier width; default: the checkpoint's, else the dataset's class count "
-        "when training, else the variant's.",
+        "when training, else the architecture's.",
     )
     checkpoint: Location | None = Field(
-        None, description="Checkpoint file to load weights from: a path, file:// or s3:// URI."
+        None,
+        description="Weights: a path, file:// or s3:// URI of a state_dict (bare, or under 'state_dict' "
+        "or 'model', DDP's 'module.' prefix allowed) saved with torch.save, or a .safetensors file.",
     )
+    preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
 
-    @field_validator("variant")
+    @field_validator("arch")
     @classmethod
-    def _known_variant(cls, value: str) -> str:
+    def _known_arch(cls, value: str) -> str:
         try:
             architectures.get(value)
-        except KeyError as exc:
-            raise ValueError(exc.args[0]) from None
+        except architectures.ArchitectureError as exc:
+            raise ValueError(str(exc)) from None
         return value
+
+    @model_validator(mode="after")
+    def _fits(self) -> ModelSpec:
+        arch = architectures.get(self.arch)
+        channels = arch.preprocess.channels
+        for name in ("mean", "std"):
+            given = getattr(self.preprocess, name)
+            if given is not None and len(given) != channels:
+                message = f"{len(given)} values for the {channels}-channel input"
+                raise field_error(f"preprocess.{name}", message)
+        if self.preprocess.image_size is not None:
+            try:
+                arch.at(self.preprocess.image_size)
+            except architectures.ArchitectureError as exc:
+                raise field_error("preprocess.image_size", str(exc)) from None
+        return self
 
     @property
     def config(self) -> architectures.Architecture:
-        """The architecture as this spec configures it (its classifier width overridden by
-        ``num_classes`` when given; else the architecture's default)."""
-        arch = architectures.get(self.variant)
+        """The architecture as this spec configures it: described at the spec's image size, its
+        classifier width overridden by ``num_classes`` when given."""
+        arch = architectures.get(self.arch)
+        if self.preprocess.image_size:
+            arch = arch.at(self.preprocess.image_size)
         return dataclasses.replace(arch, num_classes=self.num_classes) if self.num_classes else arch
+
+    def preprocessing(self, image_size: int | None = None) -> Preprocess:
+        """The preprocessing images get: the architecture's, with this spec's overrides, at
+        ``image_size`` when given (a dataset's own override)."""
+        base = architectures.get(self.arch).preprocess
+        p = self.preprocess
+        size = image_size or p.image_size or base.image_size
+        resize = p.resize or (base.resize if size == base.image_size else None)
+        return Preprocess(
+            size,
+            tuple(p.mean) if p.mean is not None else base.mean,
+            tuple(p.std) if p.std is not None else base.std,
+            resize,
+        )
 
     def layer_names(self) -> list[str]:
         return self.config.layer_names
@@ -239,7 +323,21 @@ class SpecBase(Strict):
             raise ValueError(f"{value!r} is not an endpoint URL like http://host:port")
         return value
 
+    @model_validator(mode="after")
+    def _image_size_fits(self) -> SpecBase:
+        if self.dataset.image_size is not None:
+            try:
+                architectures.get(self.model.arch).at(self.dataset.image_size)
+            except architectures.ArchitectureError as exc:
+                raise field_error("dataset.image_size", str(exc)) from None
+        return self
+
     @property
     def image_size(self) -> int:
         """Side of the images fed to the model: the dataset's override or the model's own."""
         return self.dataset.image_size or self.model.image_size
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """How this job's images are prepared: the model's preprocessing at :attr:`image_size`."""
+        return self.model.preprocessing(self.dataset.image_size)

@@ -18,6 +18,7 @@ import logging
 import shlex
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PACKAGES = ("zfcore", "jobs", "services", "zfatlas_cli")
 SPEC_FILE = "spec.yaml"
+SUBMISSION_FILE = "submission.json"  # makes each submission's working_dir its own (see submit)
 # Never shipped, wherever the packages live (a checkout, site-packages).
 EXCLUDES = ["__pycache__", "*.pyc", ".venv", "artifacts", ".git", ".pytest_cache", ".ruff_cache"]
 # A head that has just (re)started answers "No available agent to submit job, please try again
@@ -117,6 +119,10 @@ def submit(
     client = client or jobs_client(address)
     with tempfile.TemporaryDirectory(prefix="zfatlas-submit-") as spec_dir:
         Path(spec_dir, SPEC_FILE).write_text(dump_yaml(job), encoding="utf-8")
+        # Ray names a working_dir package by its content's hash and shares one unpacked folder
+        # between jobs of the same content; a nonce keeps every submission's folder its own.
+        nonce = json.dumps({"nonce": uuid.uuid4().hex})
+        Path(spec_dir, SUBMISSION_FILE).write_text(nonce, encoding="utf-8")
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:

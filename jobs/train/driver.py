@@ -34,6 +34,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from tqdm import tqdm
 
 from jobs.datasets import open_dataset
+from jobs.networks import preflight
 from jobs.runtime.cluster import cluster_gpus, connect
 from jobs.store import RunWriter, StoreError
 from jobs.train.checkpoints import latest_checkpoint, spec_digest
@@ -119,11 +120,15 @@ def train(spec: TrainSpec, run: RunWriter, *, quiet: bool = False) -> dict[str, 
     t0 = time.perf_counter()
     store = run.store
     connect()
-    source = open_dataset(spec.dataset, spec.image_size, spec.endpoint_url)
+    source = open_dataset(spec.dataset, spec.preprocess, spec.endpoint_url)
     num_classes = spec.model.num_classes or len(source.class_names)
     if num_classes < len(source.class_names):
         raise ValueError(f"model.num_classes is {num_classes} but the dataset has "
                          f"{len(source.class_names)} classes")
+    # Before any worker starts: a checkpoint to start from fits, and the feature-evolution
+    # snapshots (deconvnet projections of the conv layers) can be made.
+    model = spec.model.model_copy(update={"num_classes": num_classes})
+    preflight(model, spec.preprocess, model.config.spatial_layers, spec.endpoint_url)
 
     digest = spec_digest(spec)
     resumed = latest_checkpoint(run, digest)

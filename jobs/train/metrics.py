@@ -24,7 +24,7 @@ from torch import nn
 from jobs.runtime.device import to_device
 from jobs.train.data import ShardReader
 from jobs.train.step import StepResult
-from zfcore.network import Network, as_network
+from zfcore.network import Network, Preprocess, as_network
 from zfcore.renorm import DEFAULT_RADIUS, filter_rms, fraction_at_radius
 from zfcore.training import evaluate
 
@@ -103,14 +103,18 @@ class EpochMeter:
 
 
 def validate(
-    forward: nn.Module, reader: ShardReader, batch_size: int, device: torch.device
+    forward: nn.Module,
+    reader: ShardReader,
+    batch_size: int,
+    device: torch.device,
+    preprocess: Preprocess | None = None,
 ) -> dict[str, float | None]:
     """Validation loss and errors over every worker's share (None without a validation split)."""
     loss_sum = top1 = top5 = n = 0.0
     if len(reader):
         order = np.arange(len(reader))
         for images, labels in reader.batches(order, batch_size):
-            x = to_device(images, device)
+            x = to_device(images, device, preprocess)
             y = torch.from_numpy(labels).to(device)
             out = evaluate(forward, x, y, batch_size)
             k = len(labels)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from jobs.runtime.device import to_device
+from zfcore.network import Preprocess
 from zfcore.renorm import renormalize_filters
 from zfcore.training import augment, train_step
 
@@ -68,6 +69,7 @@ class TrainStepper:
         renorm_radius: float | None,
         augment_images: bool,
         generator: torch.Generator,
+        preprocess: Preprocess | None = None,
     ) -> None:
         self.network = network
         self.forward = forward
@@ -76,6 +78,7 @@ class TrainStepper:
         self.renorm_radius = renorm_radius
         self.augment_images = augment_images
         self.generator = generator
+        self.preprocess = preprocess
         self._logits: torch.Tensor | None = None
         # The step returns only the loss; the hook keeps the logits it computed, so train error
         # costs no second forward pass.
@@ -85,7 +88,7 @@ class TrainStepper:
         self._logits = output.detach()
 
     def step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
-        x = to_device(images, self.device)
+        x = to_device(images, self.device, self.preprocess)
         if self.augment_images:
             x = augment(x, self.generator)
         y = torch.from_numpy(labels).to(self.device, non_blocking=True)

@@ -92,7 +92,7 @@ class TrainWorker:
         tune_convolutions(self.device)
         self.batch_size = spec.resources.batch_size
 
-        self.source = open_dataset(spec.dataset, spec.image_size, spec.endpoint_url)
+        self.source = open_dataset(spec.dataset, spec.preprocess, spec.endpoint_url)
         split = split_indices(len(self.source), spec.val_fraction, spec.probe_images, spec.seed)
         self.train_data = ShardReader(self.source, shard(split.train, rank, world, equal=True))
         if not len(self.train_data):
@@ -101,7 +101,7 @@ class TrainWorker:
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         model, _ = load_model(spec.model.model_copy(update={"num_classes": num_classes}), spec.seed,
-                              spec.endpoint_url)
+                              spec.endpoint_url, spec.preprocess)
         self.network = model.train().to(self.device, memory_format=memory_format(self.device))
         self.optimizer = torch.optim.SGD(self.network.parameters(), lr=spec.lr, momentum=spec.momentum,
                                          weight_decay=spec.weight_decay)
@@ -120,12 +120,12 @@ class TrainWorker:
         ddp = ray.train.torch.prepare_model(forward, move_to_device=self.device)
         self.stepper = TrainStepper(
             self.network, ddp, self.optimizer, self.device, renorm_radius=spec.renorm_radius,
-            augment_images=spec.augment, generator=self.generator,
+            augment_images=spec.augment, generator=self.generator, preprocess=spec.preprocess,
         )
         self.workers = gather(self._info())
         if rank == 0:
             probe = self.source.read(split.probe)
-            self.probe = to_device(probe.images, self.device)
+            self.probe = to_device(probe.images, self.device, spec.preprocess)
             self.probe_ids = [self.source.image_id(int(i)) for i in probe.indices]
             self.probe_indices = [int(i) for i in probe.indices]
             self.channels = select_channels(self.network, spec.evolution_channels)
@@ -183,7 +183,7 @@ class TrainWorker:
             "step": self.state["step"],
             "rng": {"world_size": self.world, "ranks": rngs},
             "train_state": self.state,
-            "variant": self.spec.model.variant,
+            "arch": self.spec.model.arch,
             "num_classes": self.num_classes,
             "digest": self.digest,
         }
@@ -221,7 +221,7 @@ class TrainWorker:
             torch.cuda.synchronize(device)
         (seconds,) = all_reduce([time.perf_counter() - t0], device, op="max")
         totals = meter.totals(device)
-        val = validate(self.eval_forward, self.val_data, self.batch_size, device)
+        val = validate(self.eval_forward, self.val_data, self.batch_size, device, spec.preprocess)
         step_schedule(self.scheduler, val["val_top1_error"], totals["train_loss"])
         row = {"epoch": epoch, "step": self.state["step"], "lr": lr, **totals, **val, "epoch_s": seconds,
                "images_per_s": totals["images"] / seconds if seconds > 0 else 0.0}

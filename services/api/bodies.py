@@ -24,7 +24,8 @@ class RunSummary(BaseModel):
     run_id: str
     name: str | None = None
     committed_at: str
-    model_variant: str | None = None
+    model_arch: str | None = None
+    model_checkpoint: str | None = None
     model_fingerprint: str | None = None
     dataset_format: str | None = None
     dataset_fingerprint: str | None = None

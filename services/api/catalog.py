@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 import pyarrow.fs as pafs
 
 from jobs.results.diff import AtlasDiff, diff_atlases
-from jobs.results.query import AtlasReader
+from jobs.results.query import AtlasReader, model_arch
 from jobs.store import MANIFEST, Store, check_key
 
 K = TypeVar("K")
@@ -106,11 +106,14 @@ def _source_of(manifest: dict[str, Any], endpoint_url: str | None) -> Any:
     from jobs.datasets import open_dataset  # imports torch: only when a source is asked for
     from jobs.specs.base import DatasetSpec
     from zfcore import architectures
+    from zfcore.network import Preprocess
 
     spec = manifest.get("spec") or {}
     raw = spec.get("dataset") or {}
     dataset = DatasetSpec.model_validate({k: v for k, v in raw.items() if k in DatasetSpec.model_fields})
-    size = manifest.get("image_size") or dataset.image_size
+    recorded = manifest.get("preprocess") or {}  # written by atlases since 0.2
+    size = recorded.get("image_size") or manifest.get("image_size") or dataset.image_size
     if size is None:
-        size = architectures.get((spec.get("model") or {}).get("variant", "")).image_size
-    return open_dataset(dataset, int(size), spec.get("endpoint_url") or endpoint_url)
+        size = architectures.get(model_arch(manifest) or "").image_size
+    preprocess = Preprocess(int(size), resize=recorded.get("resize"))
+    return open_dataset(dataset, preprocess, spec.get("endpoint_url") or endpoint_url)

@@ -38,7 +38,7 @@ BATCH = 32
 def atlas_spec(checkpoint: str, output: str, run_id: str, layers: list[str] | None = None, **extra) -> object:
     return parse_spec({
         "kind": "atlas", "name": "test-atlas", "run_id": run_id, "seed": 0,
-        "model": {"variant": "zfnet-small", "checkpoint": checkpoint},
+        "model": {"arch": "zfnet-small", "checkpoint": checkpoint},
         "dataset": {"format": "procedural", "num_images": IMAGES, "seed": 1},
         "output": output,
         "resources": {"workers": 8, "batch_size": BATCH},
@@ -181,7 +181,7 @@ def test_same_spec_twice_is_one_committed_run(cluster_atlas, trained_small):
 
 def test_fc_layer_atlas_of_a_randomly_initialized_model(ray_cluster, tmp_path):
     spec = parse_spec({
-        "kind": "atlas", "name": "init", "model": {"variant": "zfnet-small"},
+        "kind": "atlas", "name": "init", "model": {"arch": "zfnet-small"},
         "dataset": {"format": "procedural", "num_images": 20, "seed": 3}, "output": str(tmp_path),
         "layers": ["fc7"], "k": 3, "resources": {"workers": 1, "batch_size": 8},
     })

@@ -88,7 +88,7 @@ def test_list_runs_filters_by_kind_and_time(tmp_path):
     assert [r["run_id"] for r in list_runs(store)] == ["old", "t1"]
     assert [r["run_id"] for r in list_runs(store, "atlas")] == ["old"]
     summary = list_runs(store, "atlas")[0]
-    assert summary["layers"] == ["conv1", "conv5"] and summary["model_variant"] == "zfnet-small"
+    assert summary["layers"] == ["conv1", "conv5"] and summary["model_arch"] == "zfnet-small"
     future = datetime.now(timezone.utc) + timedelta(hours=1)
     assert list_runs(store, since=future) == []
     with pytest.raises(QueryError):

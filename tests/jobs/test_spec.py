@@ -36,7 +36,7 @@ def test_there_is_an_example_of_every_kind() -> None:
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_validates(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = load_spec(path)
-    assert spec.model.variant == "zfnet-small"
+    assert spec.model.arch == "zfnet-small"
     code, out, err = _cli(capsys, "validate", str(path))
     assert code == 0, err
     # The normalized output is itself a valid spec, equal to the original.
@@ -75,7 +75,8 @@ BAD_SPECS = [
     ("uri missing", {"dataset": {"format": "parquet"}}, "dataset.uri"),
     ("misspelled field", {"kk": 9}, "kk"),
     ("misspelled nested field", {"resources": {"gpus": 1}}, "resources.gpus"),
-    ("unknown variant", {"model": {"variant": "alexnet"}}, "model.variant"),
+    ("unknown arch", {"model": {"arch": "alexnet"}}, "model.arch"),
+    ("unknown arch by its old name", {"model": {"variant": "zfnet-tiny"}}, "model.variant"),
     ("bad enum", {"precision": "fp16"}, "precision"),
     ("bad name", {"name": "Has Spaces"}, "name"),
     ("bad run id", {"run_id": "../escape"}, "run_id"),
@@ -192,7 +193,7 @@ def test_schema(kind: str, capsys) -> None:
         assert doc["properties"]["kind"]["const"] == kind
         assert doc["additionalProperties"] is False
         assert "name" in doc["required"]
-        assert "zfnet-small" in doc["$defs"]["ModelSpec"]["properties"]["variant"]["enum"]
+        assert "zfcore.architectures" in doc["$defs"]["ModelSpec"]["description"]
     assert schema(kind if kind != "all" else None) == doc
 
 
@@ -212,7 +213,7 @@ def test_run_id_is_stable_and_ignores_where_it_is_stored() -> None:
 
 def test_default_layers_follow_the_model() -> None:
     assert AtlasSpec(name="a").layers == ["conv1", "conv2", "conv3", "conv4", "conv5"]
-    no34 = {"variant": "table3-no-conv3-4"}
+    no34 = {"arch": "table3-no-conv3-4"}
     assert parse_spec({"kind": "atlas", "name": "a", "model": no34}).layers == ["conv1", "conv2", "conv5"]
     assert parse_spec({"kind": "probe", "name": "a", "model": no34}).layers == [
         "conv1",
@@ -221,7 +222,7 @@ def test_default_layers_follow_the_model() -> None:
         "fc6",
         "fc7",
     ]
-    nofc = {"variant": "table3-no-fc6-7"}
+    nofc = {"variant": "table3-no-fc6-7"}  # the field's old name still works
     assert parse_spec({"kind": "invariance", "name": "a", "model": nofc}).layers == ["conv1"]
     assert isinstance(parse_spec({"kind": "probe", "name": "p"}), ProbeSpec)
     # Written-out layers are checked strictly against the model.

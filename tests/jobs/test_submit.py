@@ -25,7 +25,7 @@ from zfatlas_cli.main import main
 ATLAS = {
     "kind": "atlas",
     "name": "submitted-atlas",
-    "model": {"variant": "zfnet-small"},
+    "model": {"arch": "zfnet-small"},
     "dataset": {"format": "procedural", "num_images": 100, "seed": 1},
     "layers": ["conv1"],
     "shard_size": 50,
@@ -59,7 +59,7 @@ def test_the_submission_id_is_read_from_the_job_config_ray_sets(monkeypatch):
 
 def test_prepare_pins_the_run_id_and_resolves_local_paths_on_the_submitting_side(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    spec = parse_spec({**ATLAS, "model": {"variant": "zfnet-small", "checkpoint": "models/m.pt"}})
+    spec = parse_spec({**ATLAS, "model": {"arch": "zfnet-small", "checkpoint": "models/m.pt"}})
     job = prepare(spec, output="out")
     assert job.run_id == spec_run_id(spec)  # the id `zfatlas run` gives the same spec
     assert job.output == str(tmp_path / "out")
@@ -88,7 +88,7 @@ def test_zfatlas_submit_runs_an_atlas_to_completion_and_the_run_and_job_name_eac
     _, _, checkpoint = trained_small
     spec_file, out = tmp_path / "atlas.yaml", tmp_path / "store"
     spec_file.write_text(
-        yaml.safe_dump({**ATLAS, "model": {"variant": "zfnet-small", "checkpoint": checkpoint}})
+        yaml.safe_dump({**ATLAS, "model": {"arch": "zfnet-small", "checkpoint": checkpoint}})
     )
 
     submitted = zfatlas(

@@ -35,7 +35,7 @@ IMAGES = 400  # 360 to train on: 180 per worker, 6 steps of 32 per epoch
 def train_spec(output: str, name: str, **fields: Any):
     return parse_spec({
         "kind": "train", "name": name, "seed": 0, "output": output,
-        "model": {"variant": "zfnet-small"},
+        "model": {"arch": "zfnet-small"},
         "dataset": {"format": "procedural", "num_images": IMAGES, "seed": 0},
         # No augmentation and a high rate: the loss visibly drops within a few steps.
         "lr": 0.05, "augment": False, "evolution_epochs": [1, 3], "evolution_channels": 2, "probe_images": 16,
@@ -128,7 +128,7 @@ def test_two_workers_train_into_s3_and_the_atlas_loads_the_checkpoint(ray_cluste
 
     # The atlas job loads the final checkpoint straight from S3.
     atlas = run_spec(parse_spec({
-        "kind": "atlas", "name": "from-train", "model": {"variant": "zfnet-small",
+        "kind": "atlas", "name": "from-train", "model": {"arch": "zfnet-small",
                                                           "checkpoint": manifest["checkpoint_uri"]},
         "dataset": {"format": "procedural", "num_images": 24, "seed": 1}, "output": output,
         "endpoint_url": s3_endpoint, "layers": ["conv1"], "k": 2,

@@ -190,7 +190,7 @@ def test_checkpoints_point_to_the_latest_and_load_as_a_model(tmp_path) -> None:
     assert latest_checkpoint(run, "another spec") is None
     assert load_checkpoint(run, FINAL)["step"] == 10
     # The final checkpoint is a model for every other job (atlas, analyses).
-    model, fingerprint = load_model(ModelSpec(variant="zfnet-small", checkpoint=store.uri_of(run.key(FINAL))))
+    model, fingerprint = load_model(ModelSpec(arch="zfnet-small", checkpoint=store.uri_of(run.key(FINAL))))
     assert fingerprint == final["sha256"]
     assert torch.equal(model.features.conv1.weight, net.features.conv1.weight)
 

@@ -16,7 +16,7 @@ from zfatlas_cli.main import main
 SPEC = {
     "kind": "atlas",
     "name": "nightly",
-    "model": {"variant": "zfnet-small", "checkpoint": "latest:s3://models/zfnet-small/"},
+    "model": {"arch": "zfnet-small", "checkpoint": "latest:s3://models/zfnet-small/"},
     "dataset": {"format": "procedural", "num_images": 100},
     "layers": ["conv1"],
 }

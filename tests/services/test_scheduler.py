@@ -35,7 +35,7 @@ def utc(hour: int, minute: int, second: int = 0, day: int = 5) -> datetime:
 TEMPLATE = {
     "kind": "atlas",
     "name": "nightly",
-    "model": {"variant": "zfnet-small"},
+    "model": {"arch": "zfnet-small"},
     "dataset": {"format": "procedural", "num_images": 100, "seed": 1},
     "layers": ["conv1"],
     "resources": {"workers": 1, "batch_size": 50},
@@ -328,7 +328,7 @@ def test_latest_checkpoint_is_resolved_when_the_schedule_fires(db_path, tmp_path
     models = tmp_path / "models"
     clock, cluster = ManualClock(T0), RecordingCluster(auto_finish="SUCCEEDED")
     sched = scheduler(db_path, cluster, clock, claim_grace_s=30)
-    spec = {**TEMPLATE, "model": {"variant": "zfnet-small", "checkpoint": f"latest:{models}/"}}
+    spec = {**TEMPLATE, "model": {"arch": "zfnet-small", "checkpoint": f"latest:{models}/"}}
     add(sched.db, T0, spec=spec, retry=RetryPolicy(max_attempts=2, backoff_s=20))
 
     sched.run(until=utc(12, 1, 5))  # no checkpoint yet: the attempt fails, a retry is planned
@@ -364,7 +364,7 @@ def test_a_schedule_fires_once_through_the_ray_jobs_api(ray_cluster, tmp_path, m
     torch.save(build("zfnet-small").state_dict(), models / "shipped.pt")
     spec = {
         **TEMPLATE,
-        "model": {"variant": "zfnet-small", "checkpoint": f"latest:{models}"},
+        "model": {"arch": "zfnet-small", "checkpoint": f"latest:{models}"},
         "output": str(out),
     }
     start = datetime.now(timezone.utc).replace(second=30, microsecond=0)

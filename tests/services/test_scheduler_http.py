@@ -100,7 +100,8 @@ def test_submission_validates_before_it_reaches_for_the_cluster(client):
     assert client.post("/api/jobs", json={"spec": SPEC}).status_code == 401
     bad = client.post("/api/jobs", json={"spec": {**SPEC, "layers": ["conv9"]}}, headers=AUTH)
     assert bad.status_code == 422 and bad.json()["problems"] == [
-        "layers.0: unknown layer 'conv9'; model 'zfnet-small' has conv1, conv2, conv3, conv4, conv5, fc6, fc7"
+        "layers.0: unknown layer 'conv9' (did you mean 'conv5'?); "
+        "model 'zfnet-small' has conv1, conv2, conv3, conv4, conv5, fc6, fc7"
     ]
     bad_set = client.post("/api/jobs", json={"spec": SPEC, "overrides": ["k=0"]}, headers=AUTH)
     assert bad_set.status_code == 422 and bad_set.json()["problems"][0].startswith("k: ")

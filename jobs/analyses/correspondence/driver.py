@@ -60,7 +60,7 @@ def _correspondence_items(spec: CorrespondenceSpec, source: ImageSource) -> list
 def run_correspondence(spec: CorrespondenceSpec, run: RunWriter, *, quiet: bool = False) -> dict[str, Any]:
     """Table 1: Delta per part and layer (and for random masks); one work item per part."""
     t0 = time.perf_counter()
-    source = open_dataset(spec.dataset, spec.image_size, spec.endpoint_url)
+    source = open_dataset(spec.dataset, spec.preprocess, spec.endpoint_url)
     items = _correspondence_items(spec, source)
     rows: dict[int, list[dict[str, Any]]] = {}
     skips: dict[int, list[tuple[str, str]]] = {}

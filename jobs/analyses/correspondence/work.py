@@ -12,7 +12,7 @@ from jobs.analyses.correspondence.spec import CorrespondenceSpec
 from jobs.analyses.worker import AnalysisContext
 from jobs.rendering.images import image_row
 from zfcore.analyses.correspondence import correspondence, mask_boxes, random_boxes, random_correspondence
-from zfcore.data import to_tensor, to_uint8
+from zfcore.data import to_uint8
 
 RANDOM_PART = "random"  # part name of the random-mask baseline rows
 
@@ -23,7 +23,7 @@ def mask_part(ctx: AnalysisContext, item: dict[str, Any]) -> dict[str, Any]:
     if len(indices) != len(item["indices"]):
         # One box per image: a part measured on fewer images would not be the same measurement.
         return {"skipped": skipped, "rows": None}
-    x = to_tensor(images).to(ctx.device)
+    x = ctx.tensor(images)
     boxes = torch.tensor(item["boxes"], dtype=torch.long)
     if item["random"]:
         result = random_correspondence(
@@ -34,7 +34,7 @@ def mask_part(ctx: AnalysisContext, item: dict[str, Any]) -> dict[str, Any]:
     else:
         result = correspondence(ctx.network, x, boxes, layers=spec.layers)
         shown = boxes
-    masked = to_uint8(mask_boxes(x, shown.to(ctx.device)).cpu())
+    masked = to_uint8(mask_boxes(x, shown.to(ctx.device)).cpu(), ctx.preprocess.mean, ctx.preprocess.std)
     slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in item["part"])
     preview = ctx.run.put_png(f"images/{item['order']:03d}-{slug}.png", image_row(list(masked)))
     rows = [

@@ -19,7 +19,7 @@ def run_invariance(spec: InvarianceSpec, run: RunWriter, *, quiet: bool = False)
     """Translation, scale and rotation sweeps of the first ``spec.images`` images; one work item per
     sweep (an empty list in the spec skips that sweep)."""
     t0 = time.perf_counter()
-    source = open_dataset(spec.dataset, spec.image_size, spec.endpoint_url)
+    source = open_dataset(spec.dataset, spec.preprocess, spec.endpoint_url)
     indices = list(range(min(spec.images, len(source))))
     items = [
         {"transform": kind, "values": [float(v) for v in getattr(spec, field)], "indices": indices}

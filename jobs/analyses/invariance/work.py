@@ -13,7 +13,6 @@ from jobs.analyses.invariance.tables import INVARIANCE_DISTANCES_SCHEMA
 from jobs.analyses.worker import AnalysisContext
 from jobs.rendering.plots import invariance_figure
 from zfcore.analyses.invariance import invariance_sweep
-from zfcore.data import to_tensor
 
 SWEEPS = (("translate", "translations"), ("scale", "scales"), ("rotate", "rotations"))
 
@@ -26,7 +25,7 @@ def sweep(ctx: AnalysisContext, item: dict[str, Any]) -> dict[str, Any]:
     kind, values = item["transform"], item["values"]
     r = invariance_sweep(
         ctx.network,
-        to_tensor(images).to(ctx.device),
+        ctx.tensor(images),
         torch.from_numpy(labels).to(ctx.device),
         kind,
         values,

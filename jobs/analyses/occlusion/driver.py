@@ -20,7 +20,7 @@ from jobs.store import RunWriter
 def run_occlusion(spec: OcclusionSpec, run: RunWriter, *, quiet: bool = False) -> dict[str, Any]:
     """Occlusion sensitivity of the first ``spec.images`` images; one work item per image."""
     t0 = time.perf_counter()
-    source = open_dataset(spec.dataset, spec.image_size, spec.endpoint_url)
+    source = open_dataset(spec.dataset, spec.preprocess, spec.endpoint_url)
     indices = list(range(min(spec.images, len(source))))
     positions, images, skipped = [], [], []
 
@@ -30,7 +30,7 @@ def run_occlusion(spec: OcclusionSpec, run: RunWriter, *, quiet: bool = False) -
             positions.append(out["positions"])
             images.append(out["image"])
 
-    workers, analyse_s = analyse(spec, run, occlude_image, indices, collect)
+    workers, analyse_s = analyse(spec, run, occlude_image, indices, collect, layers=[spec.layer])
     if not images:
         raise RuntimeError("no image could be analysed (all unreadable or with unknown labels)")
     order = np.argsort([im["image_index"] for im in images])

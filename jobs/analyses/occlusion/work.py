@@ -14,7 +14,7 @@ from jobs.analyses.worker import AnalysisContext
 from jobs.rendering.images import display, enlarge
 from jobs.rendering.plots import heat_overlay, occlusion_figure
 from zfcore.analyses.occlusion import occlusion_sensitivity, pixel_map
-from zfcore.data import MEAN, STD, to_tensor
+from zfcore.data import MEAN, STD
 
 GREY = 0.5  # the occluder's "grey": mid-grey pixels, 128 of 255 (the "mean" fill is MEAN instead)
 
@@ -39,12 +39,12 @@ def occlude_image(ctx: AnalysisContext, index: int) -> dict[str, Any]:
     image_id = ctx.source.image_id(index)
     r = occlusion_sensitivity(
         ctx.network,
-        to_tensor(image_u8)[0].to(ctx.device),
+        ctx.tensor(image_u8)[0],
         label,
         layer=spec.layer,
         size=spec.patch,
         stride=spec.stride,
-        fill=fill_value(spec.fill),
+        fill=fill_value(spec.fill, ctx.preprocess.mean, ctx.preprocess.std),
         batch_size=spec.resources.batch_size,
     )
     rows, cols = r.activation.shape

@@ -28,7 +28,7 @@ def run_probe(spec: ProbeSpec, run: RunWriter, *, quiet: bool = False) -> dict[s
     """Tables 4/5/7: linear probes on frozen features of each layer, trained on ``probe_dataset``
     with N images per class over several folds, for the trained network and a random-init one."""
     t0 = time.perf_counter()
-    source = open_dataset(spec.probe_dataset, spec.image_size, spec.endpoint_url)
+    source = open_dataset(spec.probe_dataset, spec.preprocess, spec.endpoint_url)
     networks = ["trained"] + (["random_init"] if spec.include_random_init else [])
     slices = [list(range(s, min(s + PROBE_SLICE, len(source)))) for s in range(0, len(source), PROBE_SLICE)]
     extract_items = [{"network": net, "indices": s} for net in networks for s in slices]

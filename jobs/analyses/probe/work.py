@@ -14,7 +14,6 @@ from torch import nn
 from jobs.analyses.probe.spec import ProbeSpec
 from jobs.analyses.worker import AnalysisContext
 from zfcore.analyses.probe import extract_features, pooled_grid, probe_layers
-from zfcore.data import to_tensor
 from zfcore.network import as_network
 
 #: Probe feature vectors are capped at this length: larger conv maps are average-pooled to a grid
@@ -50,7 +49,7 @@ def extract(ctx: AnalysisContext, item: dict[str, Any]) -> dict[str, Any]:
         model = ctx.network.module if item["network"] == "trained" else ctx.random_init(spec.seed + 1)
         feats = extract_features(
             model,
-            to_tensor(batch.images).to(ctx.device),
+            ctx.tensor(batch.images),
             spec.layers,
             grid=probe_grids(model, spec.layers, ctx.image_size),
             batch_size=spec.resources.batch_size,
