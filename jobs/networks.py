@@ -71,6 +71,11 @@ def read_state_dict(blob: bytes, name: str = "checkpoint") -> dict[str, torch.Te
     return state
 
 
+def _required(keys: set[str]) -> set[str]:
+    """Keys a checkpoint must hold: all but BatchNorm's step counters (often not saved)."""
+    return {k for k in keys if not k.endswith("num_batches_tracked")}
+
+
 def _dims(shape: torch.Size) -> str:
     return "x".join(map(str, shape)) or "scalar"
 
@@ -89,7 +94,7 @@ def fit_state_dict(arch: architectures.Architecture, state: dict[str, torch.Tens
         expected_module = arch.build()
     key = output_layer(expected_module) + ".weight"
     if key not in state:
-        missing = sorted(set(expected_module.state_dict()) - set(state))
+        missing = sorted(_required(set(expected_module.state_dict()) - set(state)))
         raise CheckpointError(
             f"{where} is not a {arch.name} checkpoint: {len(missing)} of its keys are missing "
             f"({_few(missing)}); the file has {_few(sorted(state))}"
@@ -97,7 +102,7 @@ def fit_state_dict(arch: architectures.Architecture, state: dict[str, torch.Tens
     n = num_classes or int(state[key].shape[0])
     with torch.device("meta"):
         expected = {k: v.shape for k, v in arch.build(n).state_dict().items()}
-    missing = sorted(k for k in set(expected) - set(state) if not k.endswith("num_batches_tracked"))
+    missing = sorted(_required(set(expected) - set(state)))
     unexpected = sorted(set(state) - set(expected))
     shapes = [
         f"{k} ({_dims(state[k].shape)} in the file, {_dims(expected[k])} in the model)"

@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "zfatlas_cli.demo",
     "zfatlas_cli.specs",
+    "zfatlas_cli.architectures",
     "zfatlas_cli.query",
     "zfatlas_cli.submit",
     "zfatlas_cli.scheduler",
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader went away (`zfatlas layers ... | head`): not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
+from zfatlas_cli.failures import fail, fail_with
+
 if TYPE_CHECKING:
     from jobs.specs.base import SpecBase
 
@@ -101,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(exc.problems), file=sys.stderr)
         return EXIT_SPEC
     except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(str(exc).splitlines()[0])
+    except Exception as exc:  # the job failed: one line (the traceback with -v), nothing committed
+        return fail_with(exc, args.verbose)
     skipped = manifest.get("images_skipped")
     if skipped:
         log.warning("%d images were unreadable and skipped (listed in the manifest)", skipped)

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from zfatlas_cli.specs import EXIT_FAILED, EXIT_SPEC, load_spec_or_report
@@ -41,6 +42,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="FIELD=VALUE",
         help="override one field, e.g. --set k=16 (repeatable)",
+    )
+    p.add_argument(
+        "--py-module",
+        dest="py_modules",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a Python package folder to ship with the job, e.g. your model's for "
+        "model.arch: mypkg.models:build (repeatable; it is also importable here, for validation)",
     )
     p.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 unless it succeeded")
     p.set_defaults(func=submit)
@@ -83,6 +93,14 @@ def submit(args: argparse.Namespace) -> int:
     from jobs.submission.submit import prepare
     from jobs.submission.submit import submit as submit_spec
 
+    packages = []
+    for folder in args.py_modules:
+        path = Path(folder).expanduser().resolve()
+        if not (path / "__init__.py").is_file():
+            print(f"--py-module: {folder} is not a Python package folder (no __init__.py)", file=sys.stderr)
+            return EXIT_SPEC
+        packages.append(str(path))
+        sys.path.insert(0, str(path.parent))  # the spec's model.arch may name it: validate here too
     spec = load_spec_or_report(args)
     if spec is None:
         return EXIT_SPEC
@@ -93,7 +111,7 @@ def submit(args: argparse.Namespace) -> int:
         return EXIT_SPEC
     try:
         client = jobs_client(args.address)
-        job_id = submit_spec(spec, output=args.output, client=client)
+        job_id = submit_spec(spec, output=args.output, client=client, py_modules=packages)
     except JobsAPIError as exc:
         return _fail(exc)
     print(job_id)

@@ -19,7 +19,7 @@ import shlex
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,10 +88,11 @@ def prepare(spec: SpecBase, output: str | None = None) -> SpecBase:
     return spec.model_copy(update=update)
 
 
-def runtime_env(spec_dir: str) -> dict[str, Any]:
+def runtime_env(spec_dir: str, py_modules: Sequence[str] = ()) -> dict[str, Any]:
     return {
         "working_dir": spec_dir,
-        "py_modules": package_dirs(),
+        # zfatlas's own packages, then the user's (a model factory named by model.arch).
+        "py_modules": package_dirs() + [str(Path(p).resolve()) for p in py_modules],
         "excludes": list(EXCLUDES),
         # The shipped modules are no git checkout: carry this checkout's version into the manifest.
         "env_vars": {CODE_VERSION_ENV: json.dumps(code_version())},
@@ -106,8 +107,10 @@ def submit(
     submission_id: str | None = None,
     metadata: Mapping[str, str] | None = None,
     client: JobSubmissionClient | None = None,
+    py_modules: Sequence[str] = (),
 ) -> str:
-    """Submit ``spec`` (already validated) and return the Ray job's submission id.
+    """Submit ``spec`` (already validated) and return the Ray job's submission id. ``py_modules``:
+    package folders shipped with the job (importable on the driver and every worker).
 
     ``submission_id`` defaults to one Ray generates. When it is given and a job with that id
     already exists for the same run, :class:`AlreadySubmittedError` is raised: Ray refuses a
@@ -130,7 +133,7 @@ def submit(
                 job_id = call(
                     lambda: client.submit_job(
                         entrypoint=entrypoint(),
-                        runtime_env=runtime_env(spec_dir),
+                        runtime_env=runtime_env(spec_dir, py_modules),
                         metadata=tags,
                         submission_id=submission_id,
                     )

@@ -175,6 +175,24 @@ def _wide_atlas(store: Store, run_id: str, channels: int) -> None:
     )
 
 
+def test_a_resnet_atlas_opens_with_its_model_line(resnet_runs, page, tmp_path):
+    with serve(create_app(Settings(store=resnet_runs.store))) as url:
+        page.goto(f"{url}/#run={resnet_runs.final}&layer=layer4")
+        page.wait_for_function("() => document.querySelectorAll('#grid .tile').length >= 120", timeout=60_000)
+        page.wait_for_function(VISIBLE_IMAGES_LOADED, arg="#grid img", timeout=30_000)
+        assert "of 512 channels" in page.text_content("#status")
+        model = page.text_content("#model")
+        assert model.startswith("torchvision:resnet18 · weights ") and "final.pt" in model
+        options = page.locator("#layer option").all_text_contents()
+        assert options == ["layer1 (64)", "layer4 (512)"]
+        page.click("#grid .tile[data-channel='3']")
+        page.wait_for_function("() => document.querySelectorAll('#detail-table tbody tr').length === 4")
+        page.wait_for_function(VISIBLE_IMAGES_LOADED, arg="#detail-table img.source", timeout=30_000)
+        assert "layer4 · channel 3" in page.text_content("#detail-title")
+        page.screenshot(path=str(tmp_path / "viewer-resnet.png"))
+        assert not page.errors, page.errors
+
+
 def test_thousands_of_tiles_load_page_by_page(page, tmp_path):
     channels = 3000
     store = open_store(str(tmp_path / "store"))

@@ -85,10 +85,20 @@ async function loadRuns() {
   }
 }
 
+// What the atlas is of, so an atlas of random weights cannot pass for a trained one.
+function modelLine(s) {
+  const weights = s.model_checkpoint
+    ? `weights ${s.model_checkpoint.split("/").slice(-3).join("/")}`
+    : "random init weights (no checkpoint)";
+  const images = s.images != null ? `${s.images} images` : "";
+  return `${s.model_arch || "?"} · ${weights} · ${s.dataset_format || "?"} dataset ${images}`.trim();
+}
+
 async function selectRun(runId, wantedLayer) {
   state.run = runId;
   $("run").value = runId;
   const atlas = await getJSON(`/api/atlases/${encodeURIComponent(runId)}`);
+  $("model").textContent = modelLine(atlas.summary);
   state.layers = atlas.layers;
   $("layer").replaceChildren(...atlas.layers.map((l) =>
     el("option", { value: l.name, text: `${l.name} (${l.channels})` })));
