@@ -90,8 +90,7 @@ def fit_state_dict(arch: architectures.Architecture, state: dict[str, torch.Tens
     """The class count the checkpoint's weights give ``arch`` (``num_classes`` when given), or
     CheckpointError in one line naming the first few missing or unexpected keys and shape
     mismatches."""
-    with torch.device("meta"):
-        expected_module = arch.build()
+    expected_module = arch.build_shapes()
     key = output_layer(expected_module) + ".weight"
     if key not in state:
         missing = sorted(_required(set(expected_module.state_dict()) - set(state)))
@@ -100,8 +99,7 @@ def fit_state_dict(arch: architectures.Architecture, state: dict[str, torch.Tens
             f"({_few(missing)}); the file has {_few(sorted(state))}"
         )
     n = num_classes or int(state[key].shape[0])
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in arch.build(n).state_dict().items()}
+    expected = {k: v.shape for k, v in arch.build_shapes(n).state_dict().items()}
     missing = sorted(_required(set(expected) - set(state)))
     unexpected = sorted(set(state) - set(expected))
     shapes = [
@@ -160,8 +158,7 @@ def preflight(
     Raises CheckpointError, DeconvError or ArchitectureError, each a one-line reason."""
     n = check_checkpoint(spec, endpoint_url).num_classes if spec.checkpoint else spec.num_classes
     arch = spec.config.at(preprocess.image_size)
-    with torch.device("meta"):  # shapes only: no memory, no compute
-        module = arch.build(n, preprocess)
+    module = arch.build_shapes(n, preprocess)  # shapes only: no memory, no compute
     out: dict[str, Any] = {}
     for layer in layers:
         inversion = inspect(module, layer, preprocess.image_size)

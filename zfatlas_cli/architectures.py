@@ -31,7 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def layers(args: argparse.Namespace) -> int:
-    import torch
 
     from jobs.networks import CheckpointError, check_checkpoint
     from jobs.specs.base import ModelSpec, SpecError
@@ -53,8 +52,7 @@ def layers(args: argparse.Namespace) -> int:
             return fail(str(exc))
         except Exception as exc:
             return fail_with(exc, args.verbose)
-    with torch.device("meta"):
-        module = arch.build(num_classes)
+    module = arch.build_shapes(num_classes)
     fields = geometries(module, arch.image_size)
     rows = []
     for info in arch.layers:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 from typing import TYPE_CHECKING
 
 from zfatlas_cli.failures import fail, fail_with
@@ -90,13 +92,20 @@ def schema(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.runner import run_location, run_spec
+    from jobs.runner import ray_submission_id, run_location, run_spec
     from jobs.specs.base import SpecError
     from jobs.store import StoreError
+    from jobs.submission.submit import prepare
 
     spec = load_spec_or_report(args)
     if spec is None:
         return EXIT_SPEC
+    if ray_submission_id():
+        # A Ray Jobs API entrypoint runs in its unpacked working_dir, which Ray (2.60) may remove
+        # while the job runs (seen when the driver connects); torch reads the current directory
+        # when its compiler stack loads. The spec is read: pin its paths and leave that folder.
+        spec = prepare(spec)
+        os.chdir(tempfile.gettempdir())
     try:
         manifest = run_spec(spec, output=args.output, quiet=args.quiet)
     except SpecError as exc:

@@ -25,9 +25,11 @@ import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .network import LayerInfo, Network, Preprocess, attach, discover
 from .zfnet import VARIANTS, ZFNet, layer_infos, zfnet_preprocess
@@ -86,6 +88,11 @@ class Architecture:
         attach(own.configured(preprocess=preprocess or self.preprocess, rebuild=lambda: self._build(n)))
         return module
 
+    def build_shapes(self, num_classes: int | None = None, preprocess: Preprocess | None = None) -> nn.Module:
+        """The network on PyTorch's ``meta`` device: every shape, no memory, no init (checks and
+        descriptions that need no values)."""
+        return _shapes_only(lambda n: self.build(n, preprocess), num_classes or self.num_classes)
+
     def at(self, image_size: int) -> Architecture:
         """The same architecture described at another input size (layers' map sizes change; a size
         too small for the network raises ArchitectureError)."""
@@ -143,11 +150,30 @@ def _describe(name: str, preprocess: Preprocess | None) -> Architecture:
     return Architecture(name, pre, num_classes, infos, tuple(own.default_layers), family, build)
 
 
+class _SkipInit(TorchFunctionMode):
+    """Random init of meta tensors is skipped (there are no values to draw); PyTorch would run it
+    through its reference kernels, which import the compiler stack (and with it read the current
+    directory, which a Ray job's driver may no longer have)."""
+
+    _INIT = {
+        torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_,
+        torch.Tensor.bernoulli_, torch.Tensor.random_, torch.Tensor.exponential_,
+        *(getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")),
+    }
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # nn.init.normal_(tensor=...) passes it by name
+        if func in self._INIT and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
 def _shapes_only(build: Callable[[int], nn.Module], num_classes: int) -> nn.Module:
     """The network on the ``meta`` device (shapes, no memory, no init); on the CPU, with the global
     RNG left as it was, for the few whose constructors compute with real tensors (RegNet)."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipInit():
             return build(num_classes)
     except (NotImplementedError, RuntimeError):
         with torch.random.fork_rng(devices=[]):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 
 import ray
 
@@ -22,24 +21,11 @@ def connect(address: str | None = None) -> None:
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=False)
-        _keep_a_working_directory()
     else:
         log.info("starting a local Ray on 127.0.0.1")
         # "local": always a fresh instance; without it ray.init() attaches to whatever cluster this
         # machine last started, which is not what "no RAY_ADDRESS" means to a user.
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
-
-
-def _keep_a_working_directory() -> None:
-    """A job submitted through the Jobs API runs in its unpacked ``working_dir``; when the job's
-    driver connects, Ray (2.60) deletes that folder from under it. Nothing of ours needs it by
-    then (the spec was read before), but code that asks for the current directory would fail
-    (torch's compiler config does, on import), so move to the temp folder."""
-    try:
-        os.getcwd()
-    except FileNotFoundError:
-        os.chdir(tempfile.gettempdir())
-        log.debug("the job's working directory is gone; continuing in %s", tempfile.gettempdir())
 
 
 def cluster_gpus() -> float:

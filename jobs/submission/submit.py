@@ -61,7 +61,8 @@ def package_dirs() -> list[str]:
 
 def entrypoint() -> str:
     """The job's command, run in the working directory that holds the spec."""
-    return f"zfatlas run {shlex.quote(SPEC_FILE)} --quiet"
+    # -v: a failed job's log carries the traceback (the one-line reason alone is for terminals).
+    return f"zfatlas -v run {shlex.quote(SPEC_FILE)} --quiet"
 
 
 def _absolute(location: str | None) -> str | None:

@@ -108,7 +108,7 @@ def test_zfatlas_submit_runs_an_atlas_to_completion_and_the_run_and_job_name_eac
     assert status.returncode == 0, status.stdout + status.stderr
     assert status.stdout.splitlines()[0] == f"{job_id} SUCCEEDED"
     logs = zfatlas("jobs", "logs", job_id, "--address", ray_cluster.dashboard_url)
-    assert "zfatlas run spec.yaml" in logs.stdout and "committed atlas/" in logs.stdout
+    assert "zfatlas -v run spec.yaml" in logs.stdout and "committed atlas/" in logs.stdout
 
     run_id = job.run_id
     assert run_id == spec_run_id(parse_spec(yaml.safe_load(spec_file.read_text())))
