@@ -17,40 +17,22 @@ exactly that with autograd and hooks, as an independent check of :func:`project`
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .deconv_chain import down_full, down_windows, forward_tape, undoable, unpool_adjoint
 from .deconv_graph import DeconvError, Inversion, project_graph
 from .network import Network, as_network, zeros_like_input
+from .receptive import Geometry, geometries
 
 __all__ = [
-    "DeconvError", "Deconvolution", "Inversion", "deconvolve", "inspect", "method_for", "project",
-    "project_autograd",
+    "DeconvError", "Deconvolution", "Inversion", "Windows", "deconvolve", "inspect", "method_for",
+    "project", "project_autograd", "project_windows", "unpool_adjoint",
 ]
-
-
-def unpool_adjoint(signal: torch.Tensor, switches: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
-    """Adjoint of max pooling: put each value of ``signal`` (B, C, h, w) at its switch in a zero
-    map of ``input_shape`` (B, C, H, W), adding values that share a switch."""
-    b, c, hh, ww = input_shape
-    out = signal.new_zeros(b, c, hh * ww)
-    out.scatter_add_(2, switches.flatten(2), signal.flatten(2))
-    return out.view(b, c, hh, ww)
-
-
-@dataclass
-class _Step:
-    """One op of the forward path, with what the way down needs to undo it."""
-
-    kind: str  # "conv" | "pool" | "relu" | "linear" | "flatten"
-    module: nn.Module | None = None
-    shape: torch.Size | None = None  # the op's input shape
-    switches: torch.Tensor | None = None
 
 
 class Deconvolution(NamedTuple):
@@ -59,12 +41,18 @@ class Deconvolution(NamedTuple):
     positions: torch.Tensor  # (B, 2) (y, x) in the layer's map; zeros for fc layers
 
 
-_CHAIN_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.ReLU, nn.LocalResponseNorm, nn.Flatten, nn.Linear, nn.Dropout)
+class Windows(NamedTuple):
+    """Projections of many items, each only inside its receptive field (all an atlas keeps)."""
+
+    windows: torch.Tensor  # (N, C, h, w): the projection in the item's window, zero outside the image
+    offsets: torch.Tensor  # (N, 2) (top, left) of each window in the image (may be negative)
+    activations: torch.Tensor  # (N,) value of each projected activation
+    positions: torch.Tensor  # (N, 2) (y, x) in the layer's map; zeros for fc layers
 
 
 def _chain_to(network: Network, layer: str) -> list[nn.Module] | None:
-    """The chain of modules up to ``layer``'s module when the tape below can undo every one of
-    them (plain convolutions, max pools, ReLUs, LRN, flatten, linear, dropout); else None."""
+    """The chain of modules up to ``layer``'s module when the tape can undo every one of them;
+    else None (the graph path)."""
     chain = network.chain()
     if chain is None:
         return None
@@ -72,70 +60,7 @@ def _chain_to(network: Network, layer: str) -> list[nn.Module] | None:
     if not any(m is target for m in chain):
         return None
     upto = chain[: next(i for i, m in enumerate(chain) if m is target) + 1]
-    for m in upto:
-        if not isinstance(m, _CHAIN_MODULES):
-            return None
-        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros"):
-            return None
-    return upto
-
-
-def _forward_tape(chain: list[nn.Module], images: torch.Tensor) -> tuple[torch.Tensor, list[_Step]]:
-    """Run the chain (ending at the layer's module), recording each op for the way down."""
-    tape: list[_Step] = []
-    x = images
-    for module in chain:
-        if isinstance(module, nn.Conv2d):
-            tape.append(_Step("conv", module, x.shape))
-            x = module(x)
-        elif isinstance(module, nn.MaxPool2d):
-            shape = x.shape
-            x, switches = F.max_pool2d(
-                x, module.kernel_size, module.stride, module.padding, module.dilation,
-                ceil_mode=module.ceil_mode, return_indices=True,
-            )
-            tape.append(_Step("pool", module, shape, switches))
-        elif isinstance(module, nn.ReLU):
-            tape.append(_Step("relu"))
-            x = module(x)
-        elif isinstance(module, nn.LocalResponseNorm):
-            x = module(x)  # skipped on the way down
-        elif isinstance(module, nn.Flatten):
-            tape.append(_Step("flatten", shape=x.shape))
-            x = module(x)
-        elif isinstance(module, nn.Linear):
-            tape.append(_Step("linear", module, x.shape))
-            x = module(x)
-        elif isinstance(module, nn.Dropout):
-            pass  # eval semantics: identity both ways
-    return x, tape
-
-
-def _down(signal: torch.Tensor, tape: list[_Step]) -> torch.Tensor:
-    for step in reversed(tape):
-        if step.kind == "relu":
-            signal = F.relu(signal)
-        elif step.kind == "pool":
-            signal = unpool_adjoint(signal, step.switches, step.shape)
-        elif step.kind == "conv":
-            conv = step.module
-            out_h, out_w = signal.shape[-2:]
-            in_h, in_w = step.shape[-2:]
-            # Recover the rows/columns the forward stride skipped, so the map is the input's size.
-            extra = tuple(
-                n_in - ((n_out - 1) * s - 2 * p + k)
-                for n_in, n_out, s, p, k in zip(
-                    (in_h, in_w), (out_h, out_w), conv.stride, conv.padding, conv.kernel_size, strict=True
-                )
-            )
-            signal = F.conv_transpose2d(
-                signal, conv.weight.to(signal.dtype), None, conv.stride, conv.padding, extra
-            )
-        elif step.kind == "flatten":
-            signal = signal.view(step.shape)
-        elif step.kind == "linear":
-            signal = signal @ step.module.weight.to(signal.dtype)
-    return signal
+    return upto if undoable(upto) else None
 
 
 def _select(
@@ -209,13 +134,85 @@ def _deconvolve(
         raise ValueError(f"{type(network.module).__name__} up to {layer!r} is not a chain the tape can undo")
     if chain is not None:
         with torch.no_grad():
-            acts, tape = _forward_tape(chain, images)
+            acts, tape = forward_tape(chain, images)
             signal, values, pos = _select(acts, channels, positions)
-            return Deconvolution(_down(signal, tape), values, pos)
+            return Deconvolution(down_full(signal, tape), values, pos)
     projections, values, pos = project_graph(
         network, images, layer, lambda acts: _select(acts, channels, positions), inversion
     )
     return Deconvolution(projections, values, pos)
+
+
+def project_windows(
+    model: nn.Module | Network,
+    images: torch.Tensor,
+    layer: str,
+    image_of: torch.Tensor | Sequence[int],
+    channels: torch.Tensor | Sequence[int],
+    positions: torch.Tensor | Sequence[tuple[int, int]] | None = None,
+    *,
+    method: str = "auto",
+) -> Windows:
+    """Project many items at once: item n is activation (channels[n], positions[n]) of
+    ``images[image_of[n]]`` (images (U, C, H, W): each distinct image once). Returns each item's
+    projection inside its receptive-field window (see :class:`Windows`); cropped to the image,
+    that is exactly its receptive box, where the whole projection is non-zero.
+
+    On a plain chain (ZFNet) every image goes up once and every item comes down on its window
+    only (:func:`zfcore.deconv_chain.down_windows`); otherwise each item is projected whole by the
+    graph path and its window cut out. Both give the same windows.
+    """
+    network = as_network(model)
+    network.check_layers([layer])
+    image_of = torch.as_tensor(image_of, dtype=torch.long, device=images.device).view(-1)
+    n = image_of.shape[0]
+    chain = _chain_to(network, layer) if method != "graph" else None
+    geometry = geometries(network, images.shape[-1])[layer]
+    if chain is not None:
+        with torch.no_grad():
+            acts, tape = forward_tape(chain, images)
+            picked = acts[image_of]  # (N, ...) each item's own image's map
+            signal, values, pos = _select(picked, channels, positions)
+            if acts.ndim == 4 and not geometry.whole:
+                # Each item's signal is its one activation: (N, C), its value at its channel.
+                rows = torch.arange(n, device=images.device)
+                point = torch.zeros(n, acts.shape[1], dtype=signal.dtype, device=signal.device)
+                point[rows, torch.as_tensor(channels, device=images.device).long().view(-1)] = values
+                windows, offsets = down_windows(point, pos, tape, image_of, acts.shape)
+                if offsets is not None:
+                    return Windows(windows, offsets, values, pos)
+                full = windows  # whole projections (the windows outgrew a small input)
+            else:
+                full = down_full(signal, tape, image_of)
+    else:
+        out = deconvolve(network, images[image_of], layer, channels, positions, method="graph")
+        full, values, pos = out.projections, out.activations, out.positions
+    return _cut_windows(full, geometry, pos, values)
+
+
+def _cut_windows(full: torch.Tensor, geometry: Geometry, pos: torch.Tensor, values: torch.Tensor) -> Windows:
+    """Windows of whole projections (N, C, H, W), by the layer's receptive geometry; along an axis
+    where the field is as large as the image, the window is the whole image."""
+    n, _, h, w = full.shape
+    if geometry.whole or (geometry.size[0] >= h and geometry.size[1] >= w):
+        return Windows(full, torch.zeros(n, 2, dtype=torch.long, device=full.device), values, pos)
+    offsets, index = [], []
+    for axis, length in ((0, h), (1, w)):
+        size = geometry.size[axis]
+        if size >= length:
+            start = torch.zeros(n, dtype=torch.long, device=full.device)
+            size = length
+        else:
+            start = pos[:, axis].to(torch.long) * geometry.stride[axis] + geometry.offset[axis]
+        offsets.append(start)
+        # Positions outside the image read the zero padding below.
+        index.append((start.view(n, 1) + torch.arange(size, device=full.device)).clamp(-1, length) + 1)
+    padded = F.pad(full, (1, 1, 1, 1))  # index -1 and `length` land on zeros
+    ys = index[0].view(n, 1, -1, 1)
+    xs = index[1].view(n, 1, 1, -1)
+    rows = torch.arange(n, device=full.device).view(n, 1, 1, 1)
+    chans = torch.arange(full.shape[1], device=full.device).view(1, -1, 1, 1)
+    return Windows(padded[rows, chans, ys, xs], torch.stack(offsets, dim=1), values, pos)
 
 
 def method_for(model: nn.Module | Network, layer: str) -> str:

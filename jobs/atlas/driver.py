@@ -20,7 +20,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,15 +31,25 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
+from jobs.atlas.layer_tables import LayerTables, upload
 from jobs.atlas.scanner import AtlasScanner, projection_groups
 from jobs.atlas.spec import AtlasSpec
-from jobs.atlas.tables import CHANNELS_PER_ROW_GROUP, FEATURES, FEATURES_SCHEMA
+from jobs.atlas.tables import (
+    CHANNELS_PER_ROW_GROUP,
+    FEATURES,
+    FEATURES_SCHEMA,
+    FORMAT,
+    images_key,
+    projections_key,
+    summary_key,
+)
 from jobs.datasets import open_dataset, shard_ranges
 from jobs.networks import preflight
 from jobs.rendering.images import grid
 from jobs.runtime.actors import peak_rss_mb, run_on_actors, started_workers, worker_info
 from jobs.runtime.cluster import connect, worker_options
 from jobs.store import RunWriter
+from jobs.store.encoding import parquet_bytes, png_bytes
 from zfcore.topk import TopKTracker
 
 log = logging.getLogger(__name__)
@@ -68,103 +81,160 @@ def build_atlas(spec: AtlasSpec, run: RunWriter, *, quiet: bool = False) -> dict
     count = min(count, len(shards))
     # Before any worker starts: the checkpoint fits, and the deconvnet can go down every layer.
     deconvnet = preflight(spec.model, spec.preprocess, spec.layers if spec.project else [], spec.endpoint_url)
-    with started_workers(AtlasWorker, count, options, spec, run, options["num_cpus"],
-                         name=f"zfatlas-atlas-{run.run_id}") as (actors, workers):
-        log.info("atlas %s: %d images in %d shards on %d workers", run.run_id, len(source), len(shards),
-                 len(actors))
-
-        # Phase 1: scan.
-        merged: TopKTracker | None = None
-        scanned, skipped = 0, []
-        shards_by_actor: dict[str, int] = {}
-        peak_rss: dict[str, float] = {}  # per worker, MiB, as of its last shard
-        bar = tqdm(total=len(source), unit="img", desc="scan", disable=quiet)
-
-        def on_scan(shard: range, out: dict[str, Any]) -> None:
-            nonlocal merged, scanned
-            tracker = TopKTracker.from_state_dict(out["state"])
-            merged = tracker if merged is None else merged.merge(tracker)
-            scanned += out["images"]
-            skipped.extend(out["skipped"])
-            shards_by_actor[out["actor"]] = shards_by_actor.get(out["actor"], 0) + 1
-            peak_rss[out["actor"]] = max(peak_rss.get(out["actor"], 0.0), out["peak_rss_mb"])
-            bar.update(len(shard))
-            bar.set_postfix(shards=f"{sum(shards_by_actor.values())}/{len(shards)}")
-
-        t_scan = time.perf_counter()
-        alive = run_on_actors(actors, lambda a, s: a.scan.remote(s), shards, on_scan, spec.max_retries)
-        scan_s = time.perf_counter() - t_scan
-        bar.close()
-        if merged is None or scanned == 0:
-            raise RuntimeError("no image could be read from the dataset; nothing to build an atlas from")
-        results = merged.results()
-        if skipped:
-            log.warning("skipped %d unreadable images", len(skipped))
-
-        # Phase 2: project the winners (or, without projections, describe them), a few whole
-        # channels per call.
-        rows: list[dict[str, Any]] = []
-        thumbnails: dict[str, dict[int, np.ndarray]] = {layer: {} for layer in spec.layers}
-        lost = 0
-        t_proj = time.perf_counter()
-        groups = projection_groups(results, spec.layers, max(1, res.batch_size // spec.k))
-        pbar = tqdm(total=len(groups), unit="group", desc="project", disable=quiet or not spec.project)
-
-        def on_group(group: dict[str, Any], out: dict[str, Any]) -> None:
-            nonlocal lost
-            rows.extend(out["rows"])
-            thumbnails[group["layer"]].update(out["thumbnails"])
-            lost += out["lost"]
-            pbar.update(1)
-
-        def call(actor: Any, group: dict[str, Any]) -> Any:
-            return (actor.project if spec.project else actor.describe).remote(group)
-
-        alive = run_on_actors(alive, call, groups, on_group, spec.max_retries)
-        pbar.close()
-        project_s = time.perf_counter() - t_proj
-        lost_workers = len(actors) - len(alive)
-
-    t_write = time.perf_counter()
-    rows.sort(key=lambda r: (spec.layers.index(r["layer"]), r["channel"], r["rank"]))
-    table = pa.Table.from_pylist(rows, schema=FEATURES_SCHEMA)
-    # Rows are sorted by layer, channel, rank: row groups of a few channels let a one-channel query
-    # (jobs.results.query, the API) read one small group instead of the whole table.
-    run.write_table(FEATURES, table, FEATURES_SCHEMA, row_group_size=CHANNELS_PER_ROW_GROUP * spec.k)
-    summaries = {}
-    for layer, thumbs in thumbnails.items():
-        if thumbs:
-            tiles = [thumbs[c] for c in sorted(thumbs)]
-            columns = math.ceil(math.sqrt(len(tiles)))
-            summaries[layer] = run.put_png(f"summary/{layer}.png", grid(tiles, columns=columns, pad=1))
-    write_s = time.perf_counter() - t_write
+    with tempfile.TemporaryDirectory(prefix="zfatlas-atlas-") as scratch:
+        with started_workers(AtlasWorker, count, options, spec, run, options["num_cpus"],
+                             name=f"zfatlas-atlas-{run.run_id}") as (actors, workers):
+            log.info("atlas %s: %d images in %d shards on %d workers", run.run_id, len(source),
+                     len(shards), len(actors))
+            t_scan = time.perf_counter()
+            scan, alive = _scan(spec, actors, shards, len(source), quiet)
+            scan_s = time.perf_counter() - t_scan
+            t_proj = time.perf_counter()
+            made, alive = _project(spec, alive, scan.results, scratch, quiet)
+            project_s = time.perf_counter() - t_proj
+            lost_workers = len(actors) - len(alive)
+        t_write = time.perf_counter()  # the workers are gone: what is left is the driver's writing
+        table, summaries, sizes = _write(spec, run, made, scratch)
+        write_s = time.perf_counter() - t_write
     total_s = time.perf_counter() - t0
     return {
         "name": spec.name,
         "model_fingerprint": workers[0]["model_fingerprint"],
         "dataset_fingerprint": source.fingerprint(),
         "images_total": len(source),
-        "images_scanned": scanned,
-        "images_skipped": len(skipped),
-        "skipped": [{"image_id": i, "reason": r} for i, r in skipped[:1000]],
+        "images_scanned": scan.images,
+        "images_skipped": len(scan.skipped),
+        "skipped": [{"image_id": i, "reason": r} for i, r in scan.skipped[:1000]],
         "layers": spec.layers,
         "preprocess": dataclasses.asdict(spec.preprocess),
         "k": spec.k,
         "precision": spec.precision,
         "deconvnet": deconvnet,
         "features_rows": table.num_rows,
-        "items_lost_on_reread": lost,
+        "dead_channels": {layer: made.dead.get(layer, 0) for layer in spec.layers},
+        "items_lost_on_reread": made.lost,
         "workers": [
             {
                 **{k: v for k, v in w.items() if k != "model_fingerprint"},
-                "shards": shards_by_actor.get(w["actor_id"], 0),
+                "shards": scan.shards_by_actor.get(w["actor_id"], 0),
             }
             for w in workers
         ],
         "workers_lost": lost_workers,
-        "peak_rss_mb": {"driver": peak_rss_mb(), "scanner_max": max(peak_rss.values(), default=None)},
+        "peak_rss_mb": {"driver": peak_rss_mb(), "scanner_max": max(scan.peak_rss.values(), default=None)},
         "timings": {"scan_s": scan_s, "project_s": project_s, "write_s": write_s, "total_s": total_s},
-        "throughput_images_per_s": scanned / scan_s if scan_s > 0 else None,
-        "tables": {"features": FEATURES, "projections": "projections/"},
+        "throughput_images_per_s": scan.images / scan_s if scan_s > 0 else None,
+        "format": FORMAT,
+        "tables": {"features": FEATURES, **{
+            f"{kind}/{layer}": key(layer) for layer in made.tables
+            for kind, key in (("images", images_key), ("projections", projections_key))
+        }},
+        "objects_written": len(sizes),
+        "bytes_written": sum(sizes.values()),
         "summaries": summaries,
     }
+
+
+@dataclass
+class _Scanned:
+    results: dict[str, Any]
+    images: int
+    skipped: list[tuple[str, str]]
+    shards_by_actor: dict[str, int]
+    peak_rss: dict[str, float]  # per worker, MiB, as of its last shard
+
+
+def _scan(
+    spec: AtlasSpec, actors: list[Any], shards: Any, total: int, quiet: bool
+) -> tuple[_Scanned, list[Any]]:
+    """Phase 1: every shard scanned by some worker, the trackers merged as they arrive."""
+    merged: TopKTracker | None = None
+    out_stats = _Scanned({}, 0, [], {}, {})
+    bar = tqdm(total=total, unit="img", desc="scan", disable=quiet)
+
+    def on_scan(shard: range, out: dict[str, Any]) -> None:
+        nonlocal merged
+        tracker = TopKTracker.from_state_dict(out["state"])
+        merged = tracker if merged is None else merged.merge(tracker)
+        out_stats.images += out["images"]
+        out_stats.skipped.extend(out["skipped"])
+        by_actor = out_stats.shards_by_actor
+        by_actor[out["actor"]] = by_actor.get(out["actor"], 0) + 1
+        out_stats.peak_rss[out["actor"]] = max(out_stats.peak_rss.get(out["actor"], 0.0), out["peak_rss_mb"])
+        bar.update(len(shard))
+        bar.set_postfix(shards=f"{sum(by_actor.values())}/{len(shards)}")
+
+    alive = run_on_actors(actors, lambda a, s: a.scan.remote(s), shards, on_scan, spec.max_retries)
+    bar.close()
+    if merged is None or out_stats.images == 0:
+        raise RuntimeError("no image could be read from the dataset; nothing to build an atlas from")
+    if out_stats.skipped:
+        log.warning("skipped %d unreadable images", len(out_stats.skipped))
+    out_stats.results = merged.results()
+    return out_stats, alive
+
+
+@dataclass
+class _Made:
+    rows: list[dict[str, Any]]
+    tables: dict[str, LayerTables]
+    thumbnails: dict[str, dict[int, np.ndarray]]
+    dead: dict[str, int]
+    lost: int = 0
+
+
+def _project(
+    spec: AtlasSpec, actors: list[Any], results: dict[str, Any], scratch: str, quiet: bool
+) -> tuple[_Made, list[Any]]:
+    """Phase 2: the winners projected (or, without projections, described), a few whole channels
+    per call; each layer's image tables written in channel order as groups come back."""
+    groups = projection_groups(results, spec.layers, max(1, spec.resources.batch_size // spec.k))
+    made = _Made([], {}, {layer: {} for layer in spec.layers}, {})
+    if spec.project:
+        made.tables = {
+            layer: LayerTables(layer, [g["part"] for g in groups if g["layer"] == layer], scratch)
+            for layer in spec.layers
+        }
+    bar = tqdm(total=len(groups), unit="group", desc="project", disable=quiet or not spec.project)
+
+    def on_group(group: dict[str, Any], out: dict[str, Any]) -> None:
+        made.rows.extend(out["rows"])
+        dead = sum(1 for row in out["rows"] if row["dead"])
+        made.dead[group["layer"]] = made.dead.get(group["layer"], 0) + dead
+        if spec.project:
+            made.thumbnails[group["layer"]].update(out["thumbnails"])
+            made.tables[group["layer"]].add(group["part"], out["tables"])
+        made.lost += out["lost"]
+        bar.update(1)
+
+    def call(actor: Any, group: dict[str, Any]) -> Any:
+        return (actor.project if spec.project else actor.describe).remote(group)
+
+    alive = run_on_actors(actors, call, groups, on_group, spec.max_retries)
+    bar.close()
+    return made, alive
+
+
+def _write(spec: AtlasSpec, run: RunWriter, made: _Made, scratch: str) -> tuple[pa.Table, dict, dict]:
+    """features.parquet, the summaries and the layers' tables into the run, uploaded together."""
+    made.rows.sort(key=lambda r: (spec.layers.index(r["layer"]), r["channel"], r["rank"]))
+    table = pa.Table.from_pylist(made.rows, schema=FEATURES_SCHEMA)
+    files: dict[str, str] = {}
+    for layer_tables in made.tables.values():
+        files.update(layer_tables.close())
+    summaries = {}
+    for layer, thumbs in made.thumbnails.items():
+        if thumbs:
+            tiles = [thumbs[c] for c in sorted(thumbs)]
+            path = os.path.join(scratch, f"{layer}.summary.png")
+            with open(path, "wb") as f:
+                f.write(png_bytes(grid(tiles, columns=math.ceil(math.sqrt(len(tiles))), pad=1)))
+            files[summary_key(layer)] = path
+            summaries[layer] = run.key(summary_key(layer))
+    # Rows sorted by layer, channel, rank: row groups of a few channels let a one-channel query
+    # (jobs.results.query, the API) read one small group instead of the whole table.
+    features = os.path.join(scratch, FEATURES)
+    with open(features, "wb") as f:
+        f.write(parquet_bytes(table, FEATURES_SCHEMA, row_group_size=CHANNELS_PER_ROW_GROUP * spec.k))
+    files[FEATURES] = features
+    return table, summaries, upload(run, files)

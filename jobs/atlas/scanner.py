@@ -1,9 +1,11 @@
 """The atlas's work, as plain Python: scan shards for every channel's top-k, then project the
-winners and write their images. :class:`AtlasScanner` runs as a Ray actor in the job
+winners and draw their images. :class:`AtlasScanner` runs as a Ray actor in the job
 (:mod:`jobs.atlas.driver`) and directly in the benchmarks; nothing here imports Ray.
 
 A projection group is a few whole channels of one layer, so a group can draw its channels' 3x3
-grids: ``{"layer", "part", "items": [(channel, rank, image_index, y, x), ...]}``.
+grids: ``{"layer", "part", "items": [(channel, rank, image_index, y, x, value, dead), ...]}``. A
+group's result is its table rows, in memory (the driver writes each layer's tables in channel
+order, :mod:`jobs.atlas.layer_tables`): nothing per item is written as a file.
 """
 
 from __future__ import annotations
@@ -13,30 +15,33 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from jobs.atlas.spec import AtlasSpec
-from jobs.atlas.tables import PROJECTIONS_SCHEMA
+from jobs.atlas.tables import IMAGES_SCHEMA, PROJECTIONS_SCHEMA
 from jobs.datasets import open_dataset
 from jobs.networks import load_model
-from jobs.rendering.images import display, grid, thumbnail
+from jobs.rendering.images import display, thumbnail
 from jobs.runtime.device import memory_format, pick_device, to_device, torch_threads
 from jobs.store import RunWriter
-from zfcore.deconv import deconvolve
+from zfcore.deconv import project_windows
 from zfcore.network import as_network
 from zfcore.receptive import receptive_box
 from zfcore.scan import layer_shapes, scan_batches
 from zfcore.topk import TopK, TopKTracker
 
 SUMMARY_TILE = 48  # pixels per channel tile in a layer's summary grid
-FAST_PNG = 1  # zlib level for the thousands of per-feature PNGs: ~4x faster than 6, a few % larger
+# Display: each channel's projections share one scale, the 99.5th percentile of their magnitudes
+# (the paper's figures are contrast-normalized per feature; the max alone leaves them faint grey).
+DISPLAY_PERCENTILE = 99.5
 
 
 def projection_groups(
     results: dict[str, TopK], layers: list[str], channels_per_group: int
 ) -> list[dict[str, Any]]:
-    """Winning items, a few whole channels per group so each group can draw its channels' grids."""
+    """Winning items, a few whole channels per group so each group can draw its channels' grids.
+    A channel that never fired (strongest activation not positive) has one item, rank 0, marked
+    dead: there is nothing to project or show."""
     groups = []
     for layer in layers:
         top = results[layer]
@@ -45,13 +50,22 @@ def projection_groups(
         for part, start in enumerate(range(0, len(channels), channels_per_group)):
             items = []
             for c in channels[start : start + channels_per_group]:
-                for r in range(top.values.shape[1]):
+                dead = not float(top.values[c, 0]) > 0
+                for r in range(1 if dead else top.values.shape[1]):
                     index = int(top.image_index[c, r])
                     if index >= 0:  # slots stay empty when the dataset has fewer than k images
-                        items.append((c, r, index, int(ys[c, r]), int(xs[c, r]), float(top.values[c, r])))
+                        value = float(top.values[c, r])
+                        items.append((c, r, index, int(ys[c, r]), int(xs[c, r]), value, dead))
             if items:
                 groups.append({"layer": layer, "part": part, "items": items})
     return groups
+
+
+def channel_scale(projections: list[np.ndarray]) -> float:
+    """One display scale for a channel's projections (see :data:`DISPLAY_PERCENTILE`)."""
+    magnitudes = np.concatenate([np.abs(p).ravel() for p in projections])
+    scale = float(np.percentile(magnitudes, DISPLAY_PERCENTILE)) if magnitudes.size else 0.0
+    return scale if scale > 0 else float(magnitudes.max(initial=0.0))
 
 
 class AtlasScanner:
@@ -92,30 +106,29 @@ class AtlasScanner:
             torch.cuda.synchronize()
         return {**stats, "state": tracker.state_dict(), "seconds": time.perf_counter() - start}
 
-    def _row(
-        self, layer: str, item: tuple, activation: float, label: int, box: Any, keys: dict[str, str]
-    ) -> dict:
+    def _row(self, layer: str, item: tuple, activation: float, label: int, box: Any) -> dict:
         channel, rank, index, y, x = item[:5]
         return {
             "layer": layer, "channel": channel, "rank": rank, "activation": activation,
             "image_id": self.source.image_id(index), "image_index": index, "label": label, "y": y, "x": x,
             "box_top": box.top, "box_left": box.left, "box_height": box.height, "box_width": box.width,
-            **keys,
+            "dead": bool(item[6]),
         }
 
     def describe(self, group: dict[str, Any]) -> dict[str, Any]:
-        """Feature rows of a group without projections: the scan's values and receptive boxes, no
-        image keys, and label -1 (labels come from re-reading the images, which this mode skips)."""
+        """Feature rows of a group without projections: the scan's values and receptive boxes, and
+        label -1 (labels come from re-reading the images, which this mode skips)."""
         layer = group["layer"]
-        empty = dict.fromkeys(("patch_key", "projection_key", "patch_grid_key", "projection_grid_key"), "")
         rows = []
         for it in group["items"]:
             box = receptive_box(self.network, layer, it[3], it[4], self.image_size)
-            rows.append(self._row(layer, it, it[5], -1, box, empty))
-        return {"rows": rows, "thumbnails": {}, "lost": 0}
+            rows.append(self._row(layer, it, it[5], -1, box))
+        return {"rows": rows, "lost": 0}
 
     def project(self, group: dict[str, Any]) -> dict[str, Any]:
-        """Project a group of whole channels of one layer; write their PNGs and raw projections."""
+        """Project a group of whole channels of one layer: every distinct image goes up once,
+        every item comes down on its receptive window only (zfcore.deconv.project_windows).
+        Returns the feature rows and the layer tables' rows of the group."""
         start = time.perf_counter()
         layer, items = group["layer"], group["items"]
         spatial = self.network.layers(self.image_size)[layer].spatial
@@ -123,56 +136,63 @@ class AtlasScanner:
         batch = self.source.read(wanted)
         found = {int(i): n for n, i in enumerate(batch.indices)}
         usable = [it for it in items if it[2] in found]
+        live = [it for it in usable if not it[6]]
         images = to_device(batch.images, self.device, self.preprocess) if len(batch.indices) else None
-        values = np.zeros(len(usable), np.float32)
-        projections = np.zeros((len(usable), 3, self.image_size, self.image_size), np.float32)
+        values = np.zeros(len(live), np.float32)
+        crops: list[np.ndarray] = []
+        boxes = []
         bs = self.spec.resources.batch_size
-        for i in range(0, len(usable), bs):
-            chunk = usable[i : i + bs]
-            rows = torch.tensor([found[it[2]] for it in chunk], device=self.device)
-            out = deconvolve(
-                self.network, images[rows], layer, [it[0] for it in chunk],
+        for i in range(0, len(live), bs):
+            chunk = live[i : i + bs]
+            out = project_windows(
+                self.network, images, layer, [found[it[2]] for it in chunk], [it[0] for it in chunk],
                 positions=[(it[3], it[4]) for it in chunk] if spatial else None,
             )
             values[i : i + len(chunk)] = out.activations.float().cpu().numpy()
-            projections[i : i + len(chunk)] = out.projections.float().cpu().numpy()
+            windows = out.windows.float().cpu().numpy()
+            offsets = out.offsets.cpu().numpy()
+            for j, it in enumerate(chunk):
+                box = receptive_box(self.network, layer, it[3], it[4], self.image_size)
+                top, left = box.top - int(offsets[j, 0]), box.left - int(offsets[j, 1])
+                crops.append(windows[j][:, top : top + box.height, left : left + box.width])
+                boxes.append(box)
 
-        rows_out: list[dict[str, Any]] = []
-        raw: dict[str, list] = {name: [] for name in PROJECTIONS_SCHEMA.names}
-        by_channel: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-        for n, item in enumerate(usable):
-            channel, rank, index, y, x = item[:5]
-            box = receptive_box(self.network, layer, y, x, self.image_size)
-            proj = projections[n][:, box.top : box.top + box.height, box.left : box.left + box.width]
-            image = batch.images[found[index]]
-            patch = image[box.top : box.top + box.height, box.left : box.left + box.width]
-            base = f"images/{layer}/{channel:04d}"
-            patch_key = self.run.put_png(f"{base}/patch-{rank}.png", np.ascontiguousarray(patch), FAST_PNG)
-            proj_img = display(proj)
-            projection_key = self.run.put_png(f"{base}/projection-{rank}.png", proj_img, FAST_PNG)
-            by_channel.setdefault(channel, []).append((rank, np.ascontiguousarray(patch), proj_img))
-            keys = {
-                "patch_key": patch_key, "projection_key": projection_key,
-                "patch_grid_key": self.run.key(f"{base}/patch-grid.png"),
-                "projection_grid_key": self.run.key(f"{base}/projection-grid.png"),
-            }
-            label = int(batch.labels[found[index]])
-            rows_out.append(self._row(layer, item, float(values[n]), label, box, keys))
-            for name, value in (("layer", layer), ("channel", channel), ("rank", rank),
-                                ("box_top", box.top), ("box_left", box.left),
-                                ("box_height", box.height), ("box_width", box.width),
-                                ("values", proj.astype(np.float32).ravel())):
-                raw[name].append(value)
-
+        rows_out = [
+            self._row(layer, it, it[5], int(batch.labels[found[it[2]]]),
+                      receptive_box(self.network, layer, it[3], it[4], self.image_size))
+            for it in usable if it[6]
+        ]
+        tables: dict[str, dict[str, list]] = {
+            "images": {n: [] for n in IMAGES_SCHEMA.names},
+            "projections": {n: [] for n in PROJECTIONS_SCHEMA.names},
+        }
         thumbnails = {}
-        for channel, entries in by_channel.items():
-            entries.sort(key=lambda e: e[0])
-            base = f"images/{layer}/{channel:04d}"
-            self.run.put_png(f"{base}/patch-grid.png", grid([e[1] for e in entries]), FAST_PNG)
-            self.run.put_png(f"{base}/projection-grid.png", grid([e[2] for e in entries]), FAST_PNG)
-            thumbnails[channel] = thumbnail(entries[0][2], SUMMARY_TILE)
-        if rows_out:
-            self.run.write_table(f"projections/{layer}/part-{group['part']:05d}.parquet",
-                                 pa.table(raw), PROJECTIONS_SCHEMA)
-        return {"rows": rows_out, "thumbnails": thumbnails, "lost": len(items) - len(usable),
-                "seconds": time.perf_counter() - start}
+        by_channel: dict[int, list[int]] = {}
+        for n, it in enumerate(live):
+            by_channel.setdefault(it[0], []).append(n)
+        for channel, members in by_channel.items():
+            members.sort(key=lambda n: live[n][1])  # by rank
+            scale = channel_scale([crops[n] for n in members])
+            shown = []
+            for n in members:
+                it, box, proj = live[n], boxes[n], crops[n]
+                image = batch.images[found[it[2]]]
+                patch = np.ascontiguousarray(
+                    image[box.top : box.top + box.height, box.left : box.left + box.width]
+                )
+                proj_img = display(proj, scale)
+                shown.append(proj_img)
+                rows_out.append(self._row(layer, it, float(values[n]), int(batch.labels[found[it[2]]]), box))
+                img = tables["images"]
+                for name, value in (("layer", layer), ("channel", channel), ("rank", it[1]),
+                                    ("height", box.height), ("width", box.width),
+                                    ("patch", patch.tobytes()), ("projection", proj_img.tobytes())):
+                    img[name].append(value)
+                raw = tables["projections"]
+                for name, value in (("layer", layer), ("channel", channel), ("rank", it[1]),
+                                    ("box_top", box.top), ("box_left", box.left), ("box_height", box.height),
+                                    ("box_width", box.width), ("values", proj.astype(np.float32).ravel())):
+                    raw[name].append(value)
+            thumbnails[channel] = thumbnail(shown[0], SUMMARY_TILE)
+        return {"rows": rows_out, "tables": tables, "thumbnails": thumbnails,
+                "lost": len(items) - len(usable), "seconds": time.perf_counter() - start}

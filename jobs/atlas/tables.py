@@ -9,7 +9,35 @@ import pyarrow as pa
 
 FEATURES = "features.parquet"
 
+#: The artifact layout this version writes (the manifest's "format"; absent: 1).
+#: 1: features.parquet + one PNG file per patch, projection and grid (7,000+ objects a small atlas).
+#: 2: features.parquet + per layer two tables (images: raw pixels; projections: raw values), a row
+#:    group per few channels, + one summary PNG: a handful of objects, every image addressable.
+FORMAT = 2
+
 FEATURES_SCHEMA = pa.schema(
+    [
+        pa.field("layer", pa.string(), nullable=False),
+        pa.field("channel", pa.int32(), nullable=False),
+        pa.field("rank", pa.int8(), nullable=False),
+        pa.field("activation", pa.float32(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("image_index", pa.int64(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("y", pa.int32(), nullable=False),
+        pa.field("x", pa.int32(), nullable=False),
+        pa.field("box_top", pa.int32(), nullable=False),
+        pa.field("box_left", pa.int32(), nullable=False),
+        pa.field("box_height", pa.int32(), nullable=False),
+        pa.field("box_width", pa.int32(), nullable=False),
+        # The channel never fired (its strongest activation is not positive): it has one row,
+        # rank 0, and no images.
+        pa.field("dead", pa.bool_(), nullable=False),
+    ]
+)
+
+#: features.parquet of format 1 (atlases before 0.2): PNG files named by the *_key columns.
+FEATURES_SCHEMA_V1 = pa.schema(
     [
         pa.field("layer", pa.string(), nullable=False),
         pa.field("channel", pa.int32(), nullable=False),
@@ -49,3 +77,31 @@ PROJECTIONS_SCHEMA = pa.schema(
 #: Row groups of ``features.parquet`` hold this many channels' rows (times k), so a one-channel
 #: query reads one small group instead of the whole table.
 CHANNELS_PER_ROW_GROUP = 64
+
+# Per layer (format 2): images/<layer>.parquet and projections/<layer>.parquet, each with one row
+# group per projection group (a few whole channels), rows sorted by (channel, rank): a one-channel
+# read is one row group. Pixels are raw uint8, (height, width, 3) in C order
+# (``np.frombuffer(...).reshape(h, w, 3)``); the API encodes PNGs from them, and draws a channel's
+# 3x3 grids from its rows (zstd-compressed Parquet writes them several times faster than PNGs).
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("layer", pa.string(), nullable=False),
+        pa.field("channel", pa.int32(), nullable=False),
+        pa.field("rank", pa.int8(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),  # the receptive box's
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("patch", pa.binary(), nullable=False),  # the image under the box
+        pa.field("projection", pa.binary(), nullable=False),  # the projection, display-normalized
+    ]
+)
+
+def images_key(layer: str) -> str:
+    return f"images/{layer}.parquet"
+
+
+def projections_key(layer: str) -> str:
+    return f"projections/{layer}.parquet"
+
+
+def summary_key(layer: str) -> str:
+    return f"summary/{layer}.png"

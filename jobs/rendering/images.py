@@ -12,10 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def display(projection: np.ndarray) -> np.ndarray:
-    """A projection (3, h, w) as a uint8 (h, w, 3) image: zero is mid-grey, the largest magnitude
-    reaches black or white (the paper's contrast-normalized display)."""
-    scale = float(np.abs(projection).max())
+def display(projection: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """A projection (3, h, w) as a uint8 (h, w, 3) image: zero is mid-grey, a magnitude of
+    ``scale`` (default: the projection's largest) reaches black or white, larger ones clip (the
+    paper's contrast-normalized display)."""
+    scale = float(np.abs(projection).max()) if scale is None else float(scale)
     img = 0.5 + 0.5 * projection / scale if scale > 0 else np.full_like(projection, 0.5)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
 
@@ -54,10 +55,18 @@ def _repeat(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def thumbnail(image: np.ndarray, side: int) -> np.ndarray:
-    """``image`` resized (bilinear) to side x side."""
+    """``image`` resized (bilinear) to fit side x side with its aspect kept, centred on white (a
+    receptive field clipped at the image border stays the shape it is)."""
     from PIL import Image
 
-    return np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR))
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    out = np.full((side, side, 3), 255, np.uint8)
+    top, left = (side - small.shape[0]) // 2, (side - small.shape[1]) // 2
+    out[top : top + small.shape[0], left : left + small.shape[1]] = small
+    return out
 
 
 def image_row(images: Sequence[np.ndarray], pad: int = 2, scale: int = 2) -> np.ndarray:

@@ -80,13 +80,16 @@ class _Channel:
 
 def _channels(reader: AtlasReader, layers: list[str]) -> dict[tuple[str, int], _Channel]:
     out: dict[tuple[str, int], _Channel] = {}
-    for row in reader.layer_rows(layers, _COLUMNS).to_pylist():
+    # Atlases before 0.2 name their grid PNG files in features.parquet; later ones keep grids in
+    # tables (the API draws them), so the key columns of the diff are empty for them.
+    columns = [c for c in _COLUMNS if c in reader.features.schema.names]
+    for row in reader.layer_rows(layers, columns).to_pylist():
         ch = out.setdefault((row["layer"], row["channel"]), _Channel())
         ch.images.append((row["rank"], row["image_id"]))
         if row["rank"] == 0:
             ch.top = float(row["activation"])
-            ch.projection_grid_key = row["projection_grid_key"] or None
-            ch.patch_grid_key = row["patch_grid_key"] or None
+            ch.projection_grid_key = row.get("projection_grid_key") or None
+            ch.patch_grid_key = row.get("patch_grid_key") or None
     return out
 
 

@@ -15,26 +15,38 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.atlas.tables import FEATURES, FEATURES_SCHEMA
+from jobs.atlas.tables import FEATURES, FEATURES_SCHEMA, FORMAT, images_key, projections_key, summary_key
+from jobs.rendering.images import grid
 from jobs.store import MissingKeyError, Store, check_key, committed_runs, read_manifest, run_prefix
+from jobs.store.encoding import png_bytes
 
 log = logging.getLogger(__name__)
 
 ATLAS = "atlas"
 # Columns of a channel tile: everything the viewer shows for a channel before it is opened.
-TILE_COLUMNS = ["channel", "activation", "image_id", "label", "patch_grid_key", "projection_grid_key"]
+TILE_COLUMNS = ["channel", "activation", "image_id", "label"]
 ROW_COLUMNS = list(FEATURES_SCHEMA.names)
+#: What a channel's images are: one per rank (patch, projection) and its 3x3 grids of them.
+IMAGE_KINDS = ("patch", "projection")
+GRID_KINDS = ("patch_grid", "projection_grid")
+_V1_KEYS = {"patch": "patch_key", "projection": "projection_key",
+            "patch_grid": "patch_grid_key", "projection_grid": "projection_grid_key"}
+#: PNGs made from format-2 tables: zlib level 1 (fast; the API and `atlas export` make the same bytes).
+PNG_LEVEL = 1
 
 
 class QueryError(ValueError):
@@ -144,6 +156,13 @@ class AtlasReader:
         fs, base = store.arrow_filesystem()
         self.filesystem = filesystem or fs
         self.base = base.rstrip("/")
+        if self.format > FORMAT:
+            raise QueryError(
+                f"atlas {run_id} is of format {self.format}; this version of zfatlas reads formats 1 to "
+                f"{FORMAT}: upgrade zfatlas to read it"
+            )
+        self._tables: dict[str, _ChannelTable] = {}
+        self._tables_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"AtlasReader({self.store.uri_of(self.prefix)!r})"
@@ -151,6 +170,18 @@ class AtlasReader:
     def path(self, relkey: str) -> str:
         """The path of a file of the run in :attr:`filesystem`."""
         return f"{self.base}/{self.prefix}/{check_key(relkey)}"
+
+    @property
+    def format(self) -> int:
+        """The run's artifact layout (:data:`jobs.atlas.tables.FORMAT`); runs before 0.2 are 1."""
+        return int(self.manifest.get("format") or 1)
+
+    def _layer_table(self, relkey: str) -> _ChannelTable:
+        with self._tables_lock:
+            table = self._tables.get(relkey)
+            if table is None:
+                table = self._tables[relkey] = _ChannelTable(self.filesystem, self.path(relkey), relkey)
+            return table
 
     @functools.cached_property
     def features(self) -> ds.Dataset:
@@ -211,7 +242,7 @@ class AtlasReader:
     def channel(self, layer: str, channel: int, columns: list[str] | None = None) -> pa.Table:
         """The k rows of one channel, strongest first (one pushed-down query, no other read)."""
         self._check_layer(layer)
-        wanted = list(columns or ROW_COLUMNS)
+        wanted = list(columns or self.features.schema.names)
         expr = (ds.field("layer") == layer) & (ds.field("channel") == channel)
         table = self.scan(expr, wanted if "rank" in wanted else [*wanted, "rank"])
         if table.num_rows == 0:
@@ -246,7 +277,11 @@ class AtlasReader:
 
     def projections(self, layer: str, channel: int) -> pa.Table:
         """The raw float32 projections of one channel (``PROJECTIONS_SCHEMA`` rows), by rank."""
-        self.channel(layer, channel, ["rank"])
+        rows = self.channel(layer, channel, ["rank", "dead"] if self.format >= 2 else ["rank"])
+        if self.format >= 2:
+            if rows.column("dead")[0].as_py():
+                raise QueryError(f"channel {channel} of {layer} never fired: it has no projections")
+            return self._layer_table(projections_key(layer)).channel(channel).sort_by("rank")
         folder = self.path(f"projections/{layer}")
         try:
             data = ds.dataset(folder, filesystem=self.filesystem, format="parquet")
@@ -255,33 +290,145 @@ class AtlasReader:
         expr = (ds.field("layer") == layer) & (ds.field("channel") == channel)
         return data.to_table(filter=expr).sort_by("rank")
 
+    def png(self, layer: str, channel: int, kind: str, rank: int | None = None) -> bytes:
+        """A PNG of one channel: ``kind`` "patch" or "projection" with a ``rank``, or "patch_grid"
+        or "projection_grid" (its top-k, 3 to a row). Format 1 reads the run's PNG file; format 2
+        draws it from the layer's images table (one row group read, kept for the next request)."""
+        if kind not in IMAGE_KINDS + GRID_KINDS:
+            raise QueryError(f"no image kind {kind!r}; one of {', '.join(IMAGE_KINDS + GRID_KINDS)}")
+        if (kind in IMAGE_KINDS) != (rank is not None):
+            per = "per rank" if kind in IMAGE_KINDS else "one per channel"
+            raise QueryError(f"{kind} images are {per}")
+        if self.format == 1:
+            rows = self.channel(layer, channel).to_pylist()
+            row = rows[0] if rank is None else next((r for r in rows if r["rank"] == rank), None)
+            key = row and row[_V1_KEYS[kind]]
+            if not key:
+                raise UnknownChannelError(f"channel {channel} of {layer} has no {kind} image of rank {rank}")
+            return self.store.get_bytes(key)
+        rows = self.channel(layer, channel, ["rank", "dead"])
+        if rows.column("dead")[0].as_py():
+            raise UnknownChannelError(f"channel {channel} of {layer} never fired: it has no images")
+        pixels = self.pixels(layer, channel, kind.removesuffix("_grid"))
+        if rank is not None:
+            if rank not in pixels:
+                raise UnknownChannelError(f"channel {channel} of {layer} has no rank {rank}")
+            return png_bytes(pixels[rank], PNG_LEVEL)
+        return png_bytes(grid([pixels[r] for r in sorted(pixels)]), PNG_LEVEL)
+
+    def pixels(self, layer: str, channel: int, kind: str) -> dict[int, np.ndarray]:
+        """Format 2: one channel's ``kind`` ("patch" or "projection") images by rank, uint8 (h, w, 3)."""
+        table = self._layer_table(images_key(layer)).channel(channel)
+        out = {}
+        for rank, h, w, data in zip(*(table.column(c).to_pylist() for c in ("rank", "height", "width", kind)),
+                                    strict=True):
+            out[int(rank)] = np.frombuffer(data, np.uint8).reshape(h, w, 3)
+        return out
+
     def export_layer(self, layer: str, out: Store, *, threads: int = 8) -> ExportResult:
-        """Copy one layer into ``out`` as a self-contained folder: ``features.parquet`` (the
-        layer's rows, image keys rewritten relative to ``out``), ``projections/<layer>/``,
-        ``images/<layer>/`` and ``summary/<layer>.png``."""
+        """Copy one layer into ``out`` as a self-contained folder of plain files:
+        ``features.parquet`` (the layer's rows, with ``*_key`` columns naming the PNGs relative to
+        ``out``), ``images/<layer>/<channel>/{patch,projection}-<rank>.png`` and the two grids,
+        ``projections/<layer>/`` (raw values, Parquet) and ``summary/<layer>.png``. The PNGs are
+        the very bytes the API serves."""
         info = self.layer(layer)
         table = self.scan(ds.field("layer") == layer, self.features.schema.names)
         table = table.sort_by([("channel", "ascending"), ("rank", "ascending")])
         strip = f"{self.prefix}/"
-        for name in ("patch_key", "projection_key", "patch_grid_key", "projection_grid_key"):
-            column = table.column(name)
-            inside = pc.starts_with(column, strip)
-            rel = pc.if_else(inside, pc.utf8_slice_codeunits(column, len(strip)), column)
-            table = table.set_column(table.schema.get_field_index(name), table.schema.field(name), rel)
+        if self.format == 1:
+            for name in _V1_KEYS.values():
+                column = table.column(name)
+                inside = pc.starts_with(column, strip)
+                rel = pc.if_else(inside, pc.utf8_slice_codeunits(column, len(strip)), column)
+                table = table.set_column(table.schema.get_field_index(name), table.schema.field(name), rel)
+        else:
+            table = _with_export_keys(table, layer)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         out.put_bytes(FEATURES, buf.getvalue())
 
-        keys = [o.key for o in self.store.list_objects(f"{self.prefix}/images/{layer}/")]
-        keys += [o.key for o in self.store.list_objects(f"{self.prefix}/projections/{layer}/")]
+        jobs: list[tuple[str, Any]] = []
+        if self.format == 1:
+            keys = [o.key for o in self.store.list_objects(f"{self.prefix}/images/{layer}/")]
+            keys += [o.key for o in self.store.list_objects(f"{self.prefix}/projections/{layer}/")]
+            jobs = [(k[len(strip):], functools.partial(self.store.get_bytes, k)) for k in keys]
+        else:
+            live = sorted({r["channel"] for r in table.to_pylist() if not r["dead"]})
+            for c in live:
+                base = f"images/{layer}/{c:04d}"
+                for kind in GRID_KINDS:
+                    jobs.append((f"{base}/{kind.replace('_', '-')}.png",
+                                 functools.partial(self.png, layer, c, kind)))
+                for rank in self.pixels(layer, c, "patch"):
+                    for kind in IMAGE_KINDS:
+                        png = functools.partial(self.png, layer, c, kind, rank)
+                        jobs.append((f"{base}/{kind}-{rank}.png", png))
+            jobs.append((f"projections/{layer}/part-00000.parquet",
+                         functools.partial(self.store.get_bytes, f"{self.prefix}/{projections_key(layer)}")))
         if info.summary_key and self.store.exists(info.summary_key):
-            keys.append(info.summary_key)
+            jobs.append((summary_key(layer), functools.partial(self.store.get_bytes, info.summary_key)))
 
-        def copy(key: str) -> None:
-            out.put_bytes(key[len(strip):], self.store.get_bytes(key))
+        def copy(job: tuple[str, Any]) -> None:
+            out.put_bytes(job[0], job[1]())
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(copy, keys))
+            list(pool.map(copy, jobs))
         log.info("exported %s of atlas %s: %d rows, %d files to %s", layer, self.run_id, table.num_rows,
-                 len(keys) + 1, out.uri_of(""))
-        return ExportResult(rows=table.num_rows, files=len(keys) + 1, destination=out.uri_of(""))
+                 len(jobs) + 1, out.uri_of(""))
+        return ExportResult(rows=table.num_rows, files=len(jobs) + 1, destination=out.uri_of(""))
+
+
+def _with_export_keys(table: pa.Table, layer: str) -> pa.Table:
+    """Format-2 rows with the PNG file keys an export writes (empty for dead channels)."""
+    channels = table.column("channel").to_pylist()
+    ranks = table.column("rank").to_pylist()
+    dead = table.column("dead").to_pylist()
+
+    def key(c: int, name: str, d: bool) -> str:
+        return "" if d else f"images/{layer}/{c:04d}/{name}.png"
+
+    columns = {
+        "patch_key": [key(c, f"patch-{r}", d) for c, r, d in zip(channels, ranks, dead, strict=True)],
+        "projection_key": [
+            key(c, f"projection-{r}", d) for c, r, d in zip(channels, ranks, dead, strict=True)
+        ],
+        "patch_grid_key": [key(c, "patch-grid", d) for c, d in zip(channels, dead, strict=True)],
+        "projection_grid_key": [key(c, "projection-grid", d) for c, d in zip(channels, dead, strict=True)],
+    }
+    for name, values in columns.items():
+        table = table.append_column(name, pa.array(values, pa.string()))
+    return table
+
+
+class _ChannelTable:
+    """One format-2 table of a layer (rows sorted by channel, a row group per few channels): the
+    rows of a channel, reading only its row group, the last few groups kept decoded."""
+
+    _KEEP = 8
+
+    def __init__(self, filesystem: pafs.FileSystem, path: str, relkey: str) -> None:
+        try:
+            self.file = pq.ParquetFile(filesystem.open_input_file(path))
+        except (FileNotFoundError, OSError) as exc:
+            raise QueryError(f"{relkey} cannot be read: {exc}") from None
+        meta, self.groups = self.file.metadata, []
+        column = self.file.schema_arrow.get_field_index("channel")
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(column).statistics
+            self.groups.append((int(stats.min), int(stats.max)))
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def channel(self, channel: int) -> pa.Table:
+        group = next((g for g, (lo, hi) in enumerate(self.groups) if lo <= channel <= hi), None)
+        if group is None:
+            raise UnknownChannelError(f"channel {channel} has no images")
+        with self._lock:
+            table = self._cache.get(group)
+            if table is None:
+                table = self._cache[group] = self.file.read_row_group(group)
+                while len(self._cache) > self._KEEP:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(group)
+        return table.filter(pc.equal(table.column("channel"), channel))

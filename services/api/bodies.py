@@ -91,6 +91,7 @@ class ChannelOut(BaseModel):
     run_id: str
     layer: str
     channel: int
+    dead: bool = Field(False, description="The channel never fired: its one row has no images.")
     projection_grid_url: str | None
     patch_grid_url: str | None
     features: list[FeatureOut]

@@ -19,6 +19,7 @@ from PIL import Image
 from jobs.atlas.tables import FEATURES_SCHEMA, PROJECTIONS_SCHEMA
 from jobs.datasets import shard_ranges
 from jobs.kinds import parse_spec
+from jobs.results.query import AtlasReader
 from jobs.runner import run_spec
 from jobs.store import committed_runs, open_store
 from zfcore.data import ProceduralDataset, to_tensor
@@ -93,7 +94,12 @@ def test_atlas_equals_single_process_reference(cluster_atlas):
     table = pq.read_table(io.BytesIO(store.get_bytes("atlas/e2e/features.parquet")))
     assert table.schema.equals(FEATURES_SCHEMA)
     expected = reference_rows(model, manifest["layers"])
-    assert table.num_rows == len(expected) == 9 * (32 + 64 + 64)
+    assert len(expected) == 9 * (32 + 64 + 64)
+    # A channel that never fired keeps one row, rank 0, marked dead; the others their top 9.
+    dead = {(layer, c) for (layer, c, r), (_, _, _, v) in expected.items() if r == 0 and not v > 0}
+    assert table.num_rows == len(expected) - 8 * len(dead)
+    assert {(r["layer"], r["channel"]) for r in table.to_pylist() if r["dead"]} == dead
+    assert sum(manifest["dead_channels"].values()) == len(dead)
     for row in table.to_pylist():
         index, y, x, value = expected[(row["layer"], row["channel"], row["rank"])]
         assert (row["image_index"], row["y"], row["x"]) == (index, y, x)
@@ -110,17 +116,31 @@ def test_images_and_raw_projections_are_written(cluster_atlas):
     manifest, store, _ = cluster_atlas
     rows = pq.read_table(io.BytesIO(store.get_bytes("atlas/e2e/features.parquet"))).to_pylist()
     row = next(r for r in rows if r["layer"] == "conv2" and r["channel"] == 5 and r["rank"] == 0)
-    patch = np.asarray(Image.open(io.BytesIO(store.get_bytes(row["patch_key"]))))
+    # A handful of objects: features, per layer an images and a projections table and a summary.
+    keys = [k.removeprefix("atlas/e2e/") for k in store.list_keys("atlas/e2e/")]
+    layers = manifest["layers"]
+    assert sorted(keys) == sorted(["features.parquet", "manifest.json"] + [
+        f"{kind}/{layer}.{ext}" for layer in layers
+        for kind, ext in (("images", "parquet"), ("projections", "parquet"), ("summary", "png"))
+    ])
+    assert manifest["format"] == 2 and manifest["objects_written"] == len(keys) - 1
+    reader = AtlasReader(store, "e2e")
+    patch = np.asarray(Image.open(io.BytesIO(reader.png("conv2", 5, "patch", 0))))
     assert patch.shape == (row["box_height"], row["box_width"], 3)
-    assert Image.open(io.BytesIO(store.get_bytes(row["projection_key"]))).size == (row["box_width"],
-                                                                                   row["box_height"])
-    assert Image.open(io.BytesIO(store.get_bytes(row["patch_grid_key"]))).size[0] > 3 * row["box_width"]
-    for layer in manifest["layers"]:
-        assert store.exists(f"atlas/e2e/summary/{layer}.png")
-    # Raw projections: one Parquet dataset, filterable by layer/channel without reading the rest.
+    # The patch is exactly the pixels the model saw under the receptive box.
+    image = ProceduralDataset(IMAGES, 64, seed=1)[row["image_index"]].image
+    box = (slice(row["box_top"], row["box_top"] + row["box_height"]),
+           slice(row["box_left"], row["box_left"] + row["box_width"]))
+    assert np.array_equal(patch, image[box])
+    projection = Image.open(io.BytesIO(reader.png("conv2", 5, "projection", 0)))
+    assert projection.size == (row["box_width"], row["box_height"])
+    assert Image.open(io.BytesIO(reader.png("conv2", 5, "patch_grid"))).size[0] > 3 * row["box_width"]
+    # Raw projections: one table per layer, filterable by channel without reading the rest.
     fs, base = store.arrow_filesystem()
-    proj = ds.dataset(f"{base}/atlas/e2e/projections", filesystem=fs, format="parquet")
+    proj = ds.dataset(f"{base}/atlas/e2e/projections/conv2.parquet", filesystem=fs, format="parquet")
     assert proj.schema.equals(PROJECTIONS_SCHEMA)
+    raw = pq.ParquetFile(fs.open_input_file(f"{base}/atlas/e2e/projections/conv2.parquet"))
+    assert raw.num_row_groups > 1
     one = proj.to_table(filter=(ds.field("layer") == "conv2") & (ds.field("channel") == 5)).to_pylist()
     assert sorted(r["rank"] for r in one) == list(range(9))
     top = next(r for r in one if r["rank"] == 0)
@@ -154,7 +174,7 @@ def test_fault_a_killed_worker_changes_nothing(cluster_atlas, trained_small, tmp
     clean = pq.read_table(io.BytesIO(store.get_bytes("atlas/e2e/features.parquet")))
     keys = ["layer", "channel", "rank", "image_index", "y", "x", "label"]
     clean = clean.filter(pc.is_in(clean.column("layer"), pa.array(FAST_LAYERS)))
-    assert faulty.num_rows == clean.num_rows == 9 * (32 + 64)
+    assert faulty.num_rows == clean.num_rows
     assert faulty.select(keys).to_pylist() == clean.select(keys).to_pylist()
 
 
@@ -167,8 +187,10 @@ def test_results_land_in_s3_too(ray_cluster, trained_small, s3_bucket, s3_endpoi
     store = open_store(f"{bucket_uri}/atlases", endpoint)
     assert [r["run_id"] for r in committed_runs(store, "atlas")] == ["s3run"]
     table = pq.read_table(io.BytesIO(store.get_bytes("atlas/s3run/features.parquet")))
-    assert table.num_rows == 9 * (32 + 64) == manifest["features_rows"]
-    assert store.exists(table.column("projection_key")[0].as_py())
+    dead = sum(table.column("dead").to_pylist())
+    assert table.num_rows == 9 * (32 + 64 - dead) + dead == manifest["features_rows"]
+    assert store.exists("atlas/s3run/images/conv1.parquet")
+    assert AtlasReader(store, "s3run").png("conv1", 0, "projection_grid").startswith(b"\x89PNG")
 
 
 def test_same_spec_twice_is_one_committed_run(cluster_atlas, trained_small):
@@ -187,7 +209,9 @@ def test_fc_layer_atlas_of_a_randomly_initialized_model(ray_cluster, tmp_path):
     })
     manifest = run_spec(spec, quiet=True)
     table = pq.read_table(tmp_path / "atlas" / manifest["run_id"] / "features.parquet")
-    assert table.num_rows == 3 * 256
+    dead = sum(table.column("dead").to_pylist())
+    assert table.num_rows == 3 * (256 - dead) + dead  # a unit that never fired: one row, no images
+    assert 0 < dead < 256 and dead == manifest["dead_channels"]["fc7"]
     assert set(table.column("y").to_pylist()) == {0}
     # fc units see the whole image.
     assert set(table.column("box_height").to_pylist()) == {64}
@@ -212,4 +236,5 @@ def test_cli_run_starts_a_local_ray_when_no_address_is_set(tmp_path):
     assert len(runs) == 1
     assert str(tmp_path) in proc.stdout
     table = pq.read_table(tmp_path / "atlas" / runs[0]["run_id"] / "features.parquet")
-    assert table.num_rows == 9 * 32
+    dead = sum(table.column("dead").to_pylist())
+    assert table.num_rows == 9 * (32 - dead) + dead

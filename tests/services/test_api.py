@@ -115,26 +115,30 @@ def test_atlas_layers_tiles_and_channel(api):
     rest = api.client.get("/api/atlases/a/layers/conv5/channels", params={"offset": 4, "limit": 4}).json()
     assert [t["channel"] for t in rest["items"]] == [4, 5] and rest["next_offset"] is None
     tile = page["items"][2]
-    assert tile["projection_grid_url"] == "/api/images/atlas/a/images/conv5/0002/projection-grid.png"
+    assert tile["projection_grid_url"] == "/api/atlases/a/layers/conv5/channels/2/grids/projection.png"
 
     channel = api.client.get("/api/atlases/a/layers/conv5/channels/2").raise_for_status().json()
     features = channel["features"]
     assert [f["rank"] for f in features] == list(range(9))
     assert features[0]["activation"] == pytest.approx(tile["top_activation"])
     assert features[0]["source_url"] == "/api/atlases/a/layers/conv5/channels/2/sources/0.png"
-    assert features[0]["patch_url"].endswith("/images/conv5/0002/patch-0.png")
+    assert features[0]["patch_url"] == "/api/atlases/a/layers/conv5/channels/2/images/0/patch.png"
 
 
 def test_images_stream_from_the_store(api):
+    # A format-1 atlas (the synthetic one): its PNG files, served as they are.
     channel = api.client.get("/api/atlases/a/layers/conv1/channels/1").json()
-    for url in (channel["patch_grid_url"], channel["features"][3]["projection_url"]):
+    keys = ["atlas/a/images/conv1/0001/patch-grid.png", "atlas/a/images/conv1/0001/projection-3.png"]
+    urls = (channel["patch_grid_url"], channel["features"][3]["projection_url"])
+    for url, key in zip(urls, keys, strict=True):
         response = api.client.get(url)
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"
         assert "immutable" in response.headers["cache-control"]
         assert int(response.headers["content-length"]) == len(response.content)
         assert response.content.startswith(PNG_SIGNATURE)
-        key = url.removeprefix("/api/images/")
         assert response.content == api.store.get_bytes(key)
+    summary = api.client.get("/api/images/atlas/a/summary/conv1.png")
+    assert summary.status_code == 200 and summary.content == api.store.get_bytes("atlas/a/summary/conv1.png")
 
 
 def test_source_image_has_the_receptive_box_drawn(api):
@@ -155,7 +159,7 @@ def test_diff_endpoint(api):
     assert sum(body["counts"].values()) == 10 and body["page"]["total"] == 10
     rows = body["page"]["items"]
     assert [r["rank"] for r in rows] == [1, 2, 3] and body["page"]["next_offset"] == 3
-    assert rows[0]["projection_grid_url_b"].startswith("/api/images/atlas/b/images/")
+    assert rows[0]["projection_grid_url_b"].startswith("/api/atlases/b/layers/")
     one = api.client.get("/api/diffs/a/b", params={"layer": "conv1", "status": "alive"}).json()
     assert one["layers"] == ["conv1"] and {r["status"] for r in one["page"]["items"]} == {"alive"}
 
@@ -302,7 +306,8 @@ def test_reads_from_other_machines_need_the_token(tmp_path):
 
     async def get(headers: dict[str, str]) -> int:
         transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        # Host 127.0.0.1: a loopback name, so the Host check lets it in whoever the client is.
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             return (await client.get("/api/runs", headers=headers)).status_code
 
     assert asyncio.run(get({})) == 401

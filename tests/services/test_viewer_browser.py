@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs.atlas.tables import FEATURES_SCHEMA
+from jobs.atlas.tables import FEATURES_SCHEMA_V1 as FEATURES_SCHEMA
 from jobs.store import Store, begin_run, open_store
 from services.api.app import create_app
 from services.http.settings import Settings

@@ -36,14 +36,15 @@ def test_runs_list_and_atlas_show(real_atlases, capsys):
 
     code, out, _ = run_cli(capsys, "atlas", "show", "after", "--layer", "conv5", "--channel", "37", *store)
     assert code == 0
-    rows = out.splitlines()[2:]
+    rows = out.splitlines()[2:-1]
     assert len(rows) == 9 and [r.split()[0] for r in rows] == [str(i) for i in range(9)]
-    assert all("atlas/after/images/conv5/0037/patch-" in r for r in rows)
+    images = out.splitlines()[-1]  # a format-2 atlas: its images are rows of a table
+    assert images.startswith(f"images: {real_atlases.store}") and "atlas/after/images/conv5.parquet" in images
     code, out, _ = run_cli(capsys, "atlas", "show", "after", "--layer", "conv5", "--channel", "37", "--json",
                            *store)
     first = json.loads(out.splitlines()[0])
-    assert first["rank"] == 0 and first["image_id"].startswith("proc-")
-    assert open_store(real_atlases.store).exists(first["projection_key"])
+    assert first["rank"] == 0 and first["image_id"].startswith("proc-") and first["dead"] is False
+    assert open_store(real_atlases.store).exists("atlas/after/images/conv5.parquet")
 
 
 def test_atlas_export_and_diff(real_atlases, capsys, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from fastapi import APIRouter, Depends, Path
 
 from jobs.results.query import run_summary
@@ -28,8 +30,26 @@ Channel = Path(ge=0, le=MAX_CHANNEL, description="Channel index.")
 ERRORS = {404: {"model": ErrorOut}, 400: {"model": ErrorOut}}
 
 
+def channel_base(run_id: str, layer: str, channel: int) -> str:
+    return f"/api/atlases/{quote(run_id)}/layers/{quote(layer)}/channels/{channel}"
+
+
 def source_url(run_id: str, layer: str, channel: int, rank: int) -> str:
-    return f"/api/atlases/{run_id}/layers/{layer}/channels/{channel}/sources/{rank}.png"
+    return f"{channel_base(run_id, layer, channel)}/sources/{rank}.png"
+
+
+def grid_url(run_id: str, layer: str, channel: int, kind: str, dead: bool = False) -> str | None:
+    """The PNG of a channel's 3x3 grid (``kind`` patch or projection); None for a dead channel."""
+    return None if dead else f"{channel_base(run_id, layer, channel)}/grids/{kind}.png"
+
+
+def item_url(run_id: str, layer: str, channel: int, rank: int, kind: str) -> str:
+    return f"{channel_base(run_id, layer, channel)}/images/{rank}/{kind}.png"
+
+
+def is_dead(row: dict) -> bool:
+    """A channel that never fired (format 1 atlases have no ``dead`` column: its activation says)."""
+    return bool(row["dead"]) if "dead" in row else not row["activation"] > 0
 
 
 def router(settings: Settings) -> APIRouter:
@@ -59,10 +79,10 @@ def router(settings: Settings) -> APIRouter:
         total = reader.layer(layer).channels
         rows = reader.tiles(layer, params.offset, params.limit).to_pylist()
         items = [
-            TileOut(channel=r["channel"], top_activation=r["activation"], dead=r["activation"] <= 0,
+            TileOut(channel=r["channel"], top_activation=r["activation"], dead=is_dead(r),
                     image_id=r["image_id"], label=r["label"],
-                    projection_grid_url=image_url(r["projection_grid_key"]),
-                    patch_grid_url=image_url(r["patch_grid_key"]))
+                    projection_grid_url=grid_url(run_id, layer, r["channel"], "projection", is_dead(r)),
+                    patch_grid_url=grid_url(run_id, layer, r["channel"], "patch", is_dead(r)))
             for r in rows
         ]
         return params.page(items, total)
@@ -77,20 +97,22 @@ def router(settings: Settings) -> APIRouter:
         run_id: str = RunId, layer: str = Layer, channel: int = Channel, cat: Catalog = Depends(catalog)
     ) -> ChannelOut:
         rows = cat.reader(run_id).channel(layer, channel).to_pylist()
+        dead = is_dead(rows[0])
         features = [
             FeatureOut(
                 rank=r["rank"], activation=r["activation"], image_id=r["image_id"],
                 image_index=r["image_index"], label=r["label"], y=r["y"], x=r["x"],
                 box=Box(top=r["box_top"], left=r["box_left"], height=r["box_height"], width=r["box_width"]),
-                patch_url=image_url(r["patch_key"]), projection_url=image_url(r["projection_key"]),
+                patch_url=None if dead else item_url(run_id, layer, channel, r["rank"], "patch"),
+                projection_url=None if dead else item_url(run_id, layer, channel, r["rank"], "projection"),
                 source_url=source_url(run_id, layer, channel, r["rank"]),
             )
             for r in rows
         ]
         return ChannelOut(
-            run_id=run_id, layer=layer, channel=channel, features=features,
-            projection_grid_url=image_url(rows[0]["projection_grid_key"]),
-            patch_grid_url=image_url(rows[0]["patch_grid_key"]),
+            run_id=run_id, layer=layer, channel=channel, dead=dead, features=features,
+            projection_grid_url=grid_url(run_id, layer, channel, "projection", dead),
+            patch_grid_url=grid_url(run_id, layer, channel, "patch", dead),
         )
 
     return api

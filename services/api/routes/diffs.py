@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Path, Query, status
 from jobs.results.diff import diff_to_parquet
 from services.api.bodies import DiffOut, DiffRequest, DiffRowOut, DiffWritten, ErrorOut
 from services.api.catalog import Catalog
-from services.api.deps import NAME_PATTERN, PageParams, catalog, image_url, page_params
+from services.api.deps import NAME_PATTERN, PageParams, catalog, page_params
+from services.api.routes.atlas import grid_url
 from services.http.security import require_read_access, require_token
 from services.http.settings import Settings
 
@@ -17,8 +18,11 @@ DIFFS_PREFIX = "diffs"
 ERRORS = {404: {"model": ErrorOut}, 400: {"model": ErrorOut}}
 
 
-def _row(r: dict[str, Any]) -> DiffRowOut:
-    urls = {f"{kind}_grid_url_{side}": image_url(r[f"{kind}_grid_key_{side}"])
+def _row(r: dict[str, Any], run_a: str, run_b: str) -> DiffRowOut:
+    """A diff row with the grid images of both sides (none where the channel did not fire)."""
+    fired = {"a": r["status"] in ("alive", "died"), "b": r["status"] in ("alive", "born")}
+    runs = {"a": run_a, "b": run_b}
+    urls = {f"{kind}_grid_url_{side}": grid_url(runs[side], r["layer"], r["channel"], kind, not fired[side])
             for kind in ("projection", "patch") for side in ("a", "b")}
     plain = {k: v for k, v in r.items() if not k.endswith(("_key_a", "_key_b"))}
     return DiffRowOut(**plain, **urls)
@@ -53,7 +57,7 @@ def router(settings: Settings) -> APIRouter:
         page_rows = rows[params.offset : params.offset + params.limit]
         return DiffOut(run_a=run_a, run_b=run_b, layers=result.layers, counts=result.counts(),
                        warnings=result.warnings,
-                       page=params.page([_row(r) for r in page_rows], total=len(rows)))
+                       page=params.page([_row(r, run_a, run_b) for r in page_rows], total=len(rows)))
 
     @api.post(
         "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from typing import Literal
 
 import pyarrow as pa
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
@@ -58,6 +59,41 @@ def router() -> APIRouter:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no image {key!r} in the store") from None
         return StreamingResponse(_chunks(stream), media_type="image/png",
                                  headers={"Content-Length": str(size), "Cache-Control": IMMUTABLE})
+
+    @api.get(
+        "/api/atlases/{run_id}/layers/{layer}/channels/{channel}/grids/{kind}.png",
+        response_class=Response,
+        summary="A channel's 3x3 grid of its top patches or projections",
+        responses={200: PNG, **ERRORS},
+    )
+    def channel_grid(
+        run_id: str = RunId,
+        layer: str = Layer,
+        channel: int = Channel,
+        kind: Literal["patch", "projection"] = Path(description="patch or projection"),
+        cat: Catalog = Depends(catalog),
+    ) -> Response:
+        """Drawn from the atlas's images table (one row group read), or read from its PNG file for
+        atlases before 0.2."""
+        png = cat.reader(run_id).png(layer, channel, f"{kind}_grid")
+        return Response(png, media_type="image/png", headers={"Cache-Control": IMMUTABLE})
+
+    @api.get(
+        "/api/atlases/{run_id}/layers/{layer}/channels/{channel}/images/{rank}/{kind}.png",
+        response_class=Response,
+        summary="One top activation's image patch or its deconvnet projection",
+        responses={200: PNG, **ERRORS},
+    )
+    def channel_image(
+        run_id: str = RunId,
+        layer: str = Layer,
+        channel: int = Channel,
+        rank: int = Path(ge=0, le=99),
+        kind: Literal["patch", "projection"] = Path(description="patch or projection"),
+        cat: Catalog = Depends(catalog),
+    ) -> Response:
+        png = cat.reader(run_id).png(layer, channel, kind, rank)
+        return Response(png, media_type="image/png", headers={"Cache-Control": IMMUTABLE})
 
     @api.get(
         "/api/atlases/{run_id}/layers/{layer}/channels/{channel}/sources/{rank}.png",

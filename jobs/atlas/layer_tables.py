@@ -1,0 +1,80 @@
+"""Each layer's image tables (images, raw projections), written in channel order while the
+projection groups come back from the workers in whatever order they finish.
+
+A group's rows become one row group of each table, so a one-channel read is one row group; groups
+are written in their order within the layer (a group that arrives early waits in memory for the
+ones before it), so the same spec gives byte-identical files whatever the workers did. The files
+are written to a local scratch folder and uploaded when the layer is complete, all layers at once
+(:func:`upload`): an atlas is a handful of objects however many channels it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.atlas.tables import IMAGES_SCHEMA, PROJECTIONS_SCHEMA, images_key, projections_key
+from jobs.store import RunWriter
+from jobs.store.encoding import conform
+
+log = logging.getLogger(__name__)
+
+_TABLES = (("images", IMAGES_SCHEMA, images_key), ("projections", PROJECTIONS_SCHEMA, projections_key))
+
+
+class LayerTables:
+    """The two tables of one layer, in ``folder``; :meth:`add` a group's result by its part
+    number (0, 1, 2, ... within the layer), :meth:`close` when all ``parts`` are in."""
+
+    def __init__(self, layer: str, parts: Iterable[int], folder: str) -> None:
+        self.layer = layer
+        self.expected = sorted(parts)
+        self.paths = {name: os.path.join(folder, f"{layer}.{name}.parquet") for name, _, _ in _TABLES}
+        self._writers = {
+            name: pq.ParquetWriter(self.paths[name], schema, compression="zstd")
+            for name, schema, _ in _TABLES
+        }
+        self._waiting: dict[int, dict[str, dict[str, list]]] = {}
+        self._next = 0  # index into self.expected of the next part to write
+
+    def add(self, part: int, tables: dict[str, dict[str, list]]) -> None:
+        self._waiting[part] = tables
+        while self._next < len(self.expected) and self.expected[self._next] in self._waiting:
+            ready = self._waiting.pop(self.expected[self._next])
+            for name, schema, _ in _TABLES:
+                columns = ready[name]
+                if columns[schema.names[0]]:
+                    table = conform(pa.table({n: columns[n] for n in schema.names}), schema)
+                    self._writers[name].write_table(table)  # one row group per group
+            self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.expected)
+
+    def close(self) -> dict[str, str]:
+        """Finish the files; returns {run-relative key: local path}."""
+        if not self.complete:
+            missing = self.expected[self._next :]
+            raise RuntimeError(f"layer {self.layer}: projection groups {missing[:5]} never came back")
+        for writer in self._writers.values():
+            writer.close()
+        return {key(self.layer): self.paths[name] for name, _, key in _TABLES}
+
+
+def upload(run: RunWriter, files: dict[str, str], threads: int = 8) -> dict[str, Any]:
+    """Put every {relkey: local path} into the run, ``threads`` at a time (S3 uploads overlap
+    their round trips). Returns {relkey: bytes}."""
+    def put(item: tuple[str, str]) -> tuple[str, int]:
+        relkey, path = item
+        run.put_file(relkey, path)
+        return relkey, os.path.getsize(path)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
+        return dict(pool.map(put, sorted(files.items())))
