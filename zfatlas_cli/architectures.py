@@ -31,7 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def layers(args: argparse.Namespace) -> int:
-
     from jobs.networks import CheckpointError, check_checkpoint
     from jobs.specs.base import ModelSpec, SpecError
     from zfcore import architectures
@@ -45,6 +44,10 @@ def layers(args: argparse.Namespace) -> int:
         return fail(str(exc), EXIT_BAD_INPUT)
     num_classes = arch.num_classes
     if args.checkpoint:
+        if args.endpoint_url:  # named by the operator on the command line: credentials may go there
+            from jobs.store.s3 import trust_endpoint
+
+            trust_endpoint(args.endpoint_url)
         try:
             model = ModelSpec(arch=args.arch, checkpoint=args.checkpoint)
             num_classes = check_checkpoint(model, args.endpoint_url).num_classes

@@ -2,8 +2,10 @@
 artifact store questions, from the shell or over HTTP.
 
 Every command takes ``--store URI`` (default ./artifacts; a path, file:// or s3://bucket/prefix)
-and ``--endpoint-url`` for S3-compatible servers. Exit codes: 0 success; 2 bad input (unknown run,
-layer or channel, malformed date or URI: one line on stderr); 1 the store failed.
+and ``--endpoint-url`` for S3-compatible servers (named here by the operator, so it gets this
+process's AWS credentials). Exit codes: 0 success; 2 bad input (unknown run, layer or channel,
+malformed date or URI, a local store folder that does not exist: one line on stderr); 1 the store
+failed.
 """
 
 from __future__ import annotations
@@ -83,7 +85,21 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 def _open_store(uri: str, endpoint_url: str | None) -> Store:
     from jobs.store import open_store
 
+    if endpoint_url:
+        from jobs.store.s3 import trust_endpoint
+
+        trust_endpoint(endpoint_url)  # given on this command line: the operator's own endpoint
     return open_store(uri, endpoint_url)
+
+
+def _open_source(uri: str, endpoint_url: str | None) -> Store:
+    """A store to read from: a local folder must exist (a typo is an error, not an empty store)."""
+    from jobs.store import LocalStore
+
+    store = _open_store(uri, endpoint_url)
+    if isinstance(store, LocalStore):
+        store.check_readable()
+    return store
 
 
 def _parse_since(text: str) -> datetime:
@@ -91,7 +107,13 @@ def _parse_since(text: str) -> datetime:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"--since {text!r} is not an ISO 8601 date or time (e.g. 2024-05-01)") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    try:
+        moment.astimezone(timezone.utc)  # runs are compared in UTC
+    except OverflowError:
+        raise ValueError(f"--since {text!r} is outside the times that can be compared in UTC") from None
+    return moment
 
 
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -116,11 +138,14 @@ def _run(func: Any, args: argparse.Namespace) -> int:
     """Call ``func(args)``, mapping the errors a user can fix to exit 2 and store failures to 1."""
     from jobs.results.query import QueryError
     from jobs.store import StoreError
+    from jobs.store.local import StoreNotFoundError
 
     try:
         return func(args)
     except QueryError as exc:
         return _fail(str(exc))
+    except StoreNotFoundError as exc:  # a store that is not there: a wrong --store, the user's to fix
+        return _fail(str(exc).splitlines()[0])
     except StoreError as exc:
         return _fail(str(exc).splitlines()[0], EXIT_FAILED)
     except ValueError as exc:  # malformed URI, date or key
@@ -132,7 +157,7 @@ def runs_list(args: argparse.Namespace) -> int:
         from jobs.results.query import list_runs
 
         since = _parse_since(args.since) if args.since else None
-        runs = list_runs(_open_store(args.store, args.endpoint_url), args.kind, since)
+        runs = list_runs(_open_source(args.store, args.endpoint_url), args.kind, since)
         if args.json:
             _print_json_lines(runs)
         elif runs:
@@ -149,7 +174,7 @@ def atlas_show(args: argparse.Namespace) -> int:
     def body(args: argparse.Namespace) -> int:
         from jobs.results.query import AtlasReader
 
-        reader = AtlasReader(_open_store(args.store, args.endpoint_url), args.run)
+        reader = AtlasReader(_open_source(args.store, args.endpoint_url), args.run)
         rows = reader.channel(args.layer, args.channel).to_pylist()
         if args.json:
             _print_json_lines(rows)
@@ -158,8 +183,19 @@ def atlas_show(args: argparse.Namespace) -> int:
             r["box"] = f"{r['box_top']},{r['box_left']} {r['box_height']}x{r['box_width']}"
             r["yx"] = f"{r['y']},{r['x']}"
         print(f"atlas {args.run}  {args.layer}  channel {args.channel}")
-        _print_table(rows, ["rank", "activation", "image_id", "label", "yx", "box", "patch_key",
-                            "projection_key"])
+        if rows and rows[0].get("dead"):
+            print("  this channel never fired on the dataset: nothing to show")
+        _print_table(rows, ["rank", "activation", "image_id", "label", "yx", "box"])
+        if reader.format >= 2:
+            from jobs.atlas.tables import images_key
+
+            table = reader.store.uri_of(f"{reader.prefix}/{images_key(args.layer)}")
+            export = f"zfatlas atlas export {args.run} --layer {args.layer} --out DIR"
+            print(f"images: {table} (rows of channel {args.channel}); `{export}` writes them as PNG files")
+        else:
+            for r in rows:
+                print(f"  rank {r['rank']}: {reader.store.uri_of(r['patch_key'])}  "
+                      f"{reader.store.uri_of(r['projection_key'])}")
         return 0
 
     return _run(body, args)
@@ -169,7 +205,7 @@ def atlas_export(args: argparse.Namespace) -> int:
     def body(args: argparse.Namespace) -> int:
         from jobs.results.query import AtlasReader
 
-        reader = AtlasReader(_open_store(args.store, args.endpoint_url), args.run)
+        reader = AtlasReader(_open_source(args.store, args.endpoint_url), args.run)
         result = reader.export_layer(args.layer, _open_store(args.out, args.endpoint_url))
         print(f"exported {args.layer} of {args.run}: {result.rows} rows, {result.files} files to "
               f"{result.destination}")
@@ -186,8 +222,8 @@ def atlas_diff(args: argparse.Namespace) -> int:
 
         if args.limit < 0:
             raise ValueError("--limit must be >= 0")
-        store_a = _open_store(args.store, args.endpoint_url)
-        store_b = _open_store(args.store_b, args.endpoint_url) if args.store_b else store_a
+        store_a = _open_source(args.store, args.endpoint_url)
+        store_b = _open_source(args.store_b, args.endpoint_url) if args.store_b else store_a
         diff = diff_atlases(AtlasReader(store_a, args.run_a), AtlasReader(store_b, args.run_b), args.layers)
         rows = diff.table.to_pylist()
         shown = rows[: args.limit] if args.limit else rows
@@ -226,11 +262,17 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(f"{where}: {first['msg']}")
     import uvicorn
 
-    from jobs.store import StoreError, open_store
+    from jobs.store import StoreError
+    from jobs.store.local import StoreNotFoundError
     from services.server import create_server
 
     try:
-        open_store(settings.store, settings.endpoint_url).check()  # bucket, credentials: fail now
+        # Bucket, credentials, a folder that is not there: fail now. Only read access is needed,
+        # so a read-only store is served as it is; nothing is created.
+        store = _open_store(settings.store, settings.endpoint_url)
+        store.check_readable()
+    except StoreNotFoundError as exc:
+        return _fail(f"{str(exc).splitlines()[0]} (check --store)")
     except StoreError as exc:
         return _fail(str(exc).splitlines()[0], EXIT_FAILED)
     app = create_server(settings)

@@ -4,18 +4,22 @@ The ``schedule`` commands work on the scheduler's SQLite file directly (``--db``
 ``$ZFATLAS_SCHEDULER_DB`` or ./artifacts/scheduler.db), so they need to run where that file is;
 a running ``scheduler serve`` picks changes up within its idle interval (a minute). From another
 machine, use the same operations over HTTP (``/api/schedules``). Exit codes: 0 success; 2 a bad
-schedule or spec (one line per problem); 1 no such schedule, or the service failed.
+schedule or spec (one ``zfatlas: field: reason`` line per problem); 1 no such schedule, or the
+service or the database failed (one ``zfatlas: <reason>`` line).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
-import sys
+import sqlite3
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from zfatlas_cli.failures import fail, fail_with
 from zfatlas_cli.specs import EXIT_FAILED, EXIT_SPEC
 
 if TYPE_CHECKING:
@@ -27,6 +31,27 @@ log = logging.getLogger("zfatlas.scheduler")
 
 DEFAULT_PORT = 8001
 _COLUMNS = "{:<24} {:<16} {:<18} {:<7} {:<8} {:<7} {}"
+
+
+def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """The command, with a database that cannot be opened or used reported in one line (exit 1)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (sqlite3.Error, OSError, RuntimeError) as exc:
+            return fail_with(exc, getattr(args, "verbose", False), EXIT_FAILED)
+
+    return run
+
+
+def _problems(exc: Any) -> int:
+    """One ``zfatlas: field: reason`` line per problem of a pydantic ValidationError; exit 2."""
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "schedule"
+        fail(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return EXIT_SPEC
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
     p.add_argument("--no-http", action="store_true", help="only the scheduling loop, no HTTP endpoints")
     p.add_argument("--poll", type=float, help="seconds between status polls of running jobs (default 10)")
-    p.set_defaults(func=serve)
+    p.set_defaults(func=_reported(serve))
 
     p = sub.add_parser(
         "schedule", help="manage nightly schedules (add, list, pause, resume, remove, history)"
@@ -77,31 +102,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backoff", type=float, default=300.0, help="seconds before the second attempt")
     p.add_argument("--backoff-factor", type=float, default=2.0, help="growth of each further wait")
     p.add_argument("--db", help=db_help)
-    p.set_defaults(func=add)
+    p.set_defaults(func=_reported(add))
 
     p = sched.add_parser("list", help="schedules and their next fire times")
     p.add_argument("--next", type=int, default=3, help="fire times shown per schedule (default 3)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--db", help=db_help)
-    p.set_defaults(func=list_schedules)
+    p.set_defaults(func=_reported(list_schedules))
 
     for action, text in (("pause", "stop firing (until resumed)"), ("resume", "fire again from now on")):
         p = sched.add_parser(action, help=text)
         p.add_argument("name")
         p.add_argument("--db", help=db_help)
-        p.set_defaults(func=pause if action == "pause" else resume)
+        p.set_defaults(func=_reported(pause if action == "pause" else resume))
 
     p = sched.add_parser("remove", help="delete a schedule (its history stays)")
     p.add_argument("name")
     p.add_argument("--db", help=db_help)
-    p.set_defaults(func=remove)
+    p.set_defaults(func=_reported(remove))
 
     p = sched.add_parser("history", help="runs, newest first: scheduled time, status, attempts, Ray job")
     p.add_argument("name", nargs="?", help="one schedule (default: all)")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
     p.add_argument("--db", help=db_help)
-    p.set_defaults(func=history)
+    p.set_defaults(func=_reported(history))
 
 
 def _settings(args: argparse.Namespace, **options: Any) -> SchedulerSettings:
@@ -145,9 +170,7 @@ def serve(args: argparse.Namespace) -> int:
         service = SchedulerService(_settings(args, **options))
         api = None if args.no_http else Settings(host=args.host, port=args.port)
     except ValidationError as exc:
-        for err in exc.errors():
-            print(f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}", file=sys.stderr)
-        return EXIT_SPEC
+        return _problems(exc)
     if api is None:
         log.info("scheduler (no HTTP): %s -> %s", service.db.path, service.address)
         service.scheduler.run()
@@ -187,36 +210,35 @@ def add(args: argparse.Namespace) -> int:
         )
     except SpecError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            fail(problem)
         return EXIT_SPEC
-    except ValidationError as exc:
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "schedule"
-            print(f"{where}: {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
-        return EXIT_SPEC
+    except ValidationError as exc:  # a cron that is malformed or never fires, an unknown zone, ...
+        return _problems(exc)
     now = _now()
     try:
         with _open(args).transaction() as tx:
             tx.insert_schedule(config, now)
     except ScheduleExistsError as exc:
-        print(f"error: {exc} (remove it first, or pick another name)", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(f"{exc} (remove it first, or pick another name)", EXIT_FAILED)
     times = ", ".join(_local(t, config.timezone) for t in config.next_fire_times(now, 3))
     print(f"added {config.name}: {config.cron} ({config.timezone}); next: {times}")
     return 0
 
 
 def _describe(schedule: Schedule, now: datetime, count: int) -> str:
-    cfg = schedule.config
-    state = "paused" if schedule.paused else "active"
-    times = (
-        "-"
-        if schedule.paused
-        else ", ".join(
-            _local(t, cfg.timezone) for t in cfg.next_fire_times(max(now, schedule.watermark), count)
-        )
-    )
-    return _COLUMNS.format(cfg.name, cfg.cron, cfg.timezone, state, cfg.concurrency, cfg.catchup, times)
+    shown = schedule.to_dict(now, count)  # never raises: a bad row comes back with its problem
+    if shown["problem"]:
+        state, times = "invalid", shown["problem"]
+    else:
+        state = "paused" if schedule.paused else "active"
+        zone_name = str(shown.get("timezone", "UTC"))
+        times = ", ".join(_local(_parse(t), zone_name) for t in shown["next_fire_times"]) or "-"
+    columns = [shown.get(k, "?") for k in ("name", "cron", "timezone")]
+    return _COLUMNS.format(*columns, state, shown.get("concurrency", "?"), shown.get("catchup", "?"), times)
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def list_schedules(args: argparse.Namespace) -> int:
@@ -243,8 +265,7 @@ def _change(args: argparse.Namespace, action: str) -> int:
             else:
                 tx.set_paused(args.name, action == "pause", _now())
     except ScheduleNotFoundError:
-        print(f"error: no schedule {args.name!r} in {_open(args).path}", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(f"no schedule {args.name!r} in {_open(args).path}", EXIT_FAILED)
     print(f"{args.name}: {'removed' if action == 'remove' else action + 'd'}")
     return 0
 

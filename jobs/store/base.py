@@ -146,6 +146,10 @@ class Store(ABC):
     def check(self) -> None:
         """Fail early, with a clear :class:`StoreError`, if the store cannot be used."""
 
+    def check_readable(self) -> None:
+        """Fail early if the store cannot be read (readers need no write access); default: check()."""
+        self.check()
+
     # --- derived ---
 
     def list_keys(self, prefix: str = "") -> list[str]:

@@ -1,13 +1,23 @@
-"""The local-folder backend of :class:`jobs.store.base.Store`."""
+"""The local-folder backend of :class:`jobs.store.base.Store`.
+
+Links are followed only while they stay inside the store root: a key that is, or lies under, a
+symbolic link whose real path is outside the root is refused by every read, never listed, and never
+written through (a link committed inside a run could otherwise serve ``/etc/passwd`` as a PNG).
+The pyarrow filesystem it hands to readers (:meth:`LocalStore.arrow_filesystem`) keeps the same
+rule. Files are written with the permissions the umask gives (``0666 & ~umask``), like any other.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from jobs.store.base import (
@@ -19,6 +29,37 @@ from jobs.store.base import (
     StoreError,
     check_key,
 )
+
+log = logging.getLogger(__name__)
+
+
+class LinkOutsideStoreError(MissingKeyError):
+    """The key is a symbolic link, or lies under one, whose real path is outside the store root:
+    it is not followed (to a reader, the key does not exist)."""
+
+
+class StoreNotFoundError(StoreError):
+    """The store's folder does not exist (a typo, or nothing was ever written there)."""
+
+
+def _within(path: str | os.PathLike[str], real_root: str) -> bool:
+    """Whether ``path``, every link in it followed, is ``real_root`` or inside it."""
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _new_file(folder: Path, name: str) -> tuple[int, str]:
+    """A new temp file beside ``name`` in ``folder``, opened for writing, created with mode 0666
+    so the umask decides its permissions (``tempfile.mkstemp`` would make it 0600 whatever the
+    umask, and the rename would keep that)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file in {folder}")
 
 
 class LocalStore(Store):
@@ -34,13 +75,42 @@ class LocalStore(Store):
     def _path(self, key: str, *, prefix: bool = False) -> Path:
         return self.root / check_key(key, prefix=prefix)
 
+    @property
+    def _real_root(self) -> str:
+        # Resolved each time: the root may be a link itself, or only come into existence later.
+        return os.path.realpath(self.root)
+
+    def _inside(self, path: str | os.PathLike[str]) -> bool:
+        return _within(path, self._real_root)
+
+    def _readable(self, key: str) -> Path:
+        """The path of ``key``, or :class:`LinkOutsideStoreError` if it leads out of the root."""
+        path = self._path(key)
+        if not self._inside(path):
+            log.warning("not following %s: a link to %s, outside the store", path, os.path.realpath(path))
+            raise LinkOutsideStoreError(
+                f"key {key!r} in {self.root} is a link out of the store root; such links are not followed"
+            )
+        return path
+
     def check(self) -> None:
+        """For jobs that write: the folder exists (created if need be) and is writable."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot use {self.root} as a store: {exc.strerror or exc}") from None
         if not os.access(self.root, os.W_OK):
             raise StoreAccessError(f"store folder {self.root} is not writable")
+
+    def check_readable(self) -> None:
+        """For readers (``zfatlas serve``, queries): the folder exists and can be read. Nothing is
+        created and write access is not needed, so a read-only store is served as it is."""
+        if not self.root.exists():
+            raise StoreNotFoundError(f"no store at {self.root}: the folder does not exist")
+        if not self.root.is_dir():
+            raise StoreError(f"cannot use {self.root} as a store: it is not a folder")
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise StoreAccessError(f"store folder {self.root} is not readable")
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._atomic_write(self._path(key), lambda f: f.write(data))
@@ -50,60 +120,87 @@ class LocalStore(Store):
             self._atomic_write(self._path(key), lambda f: shutil.copyfileobj(src, f, 1 << 20))
 
     def _atomic_write(self, target: Path, write: Any) -> None:
+        # Before creating any folder: one under a link out of the root would be created out there.
+        if not self._inside(target.parent):
+            raise StoreError(f"cannot write {target}: its folder is a link out of the store root {self.root}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TMP_SUFFIX)
+        fd, tmp = _new_file(target.parent, target.name)
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
-            os.replace(tmp, target)
+            os.replace(tmp, target)  # replaces a link at the target itself, never writes through it
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
     def get_bytes(self, key: str) -> bytes:
-        path = self._path(key)
+        path = self._readable(key)
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise MissingKeyError(f"no such key {key!r} in {self.root}") from None
 
     def get_file(self, key: str, path: str | os.PathLike[str]) -> None:
-        src = self._path(key)
+        src = self._readable(key)
         if not src.is_file():
             raise MissingKeyError(f"no such key {key!r} in {self.root}")
         shutil.copyfile(src, path)
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        path = self._path(key)
+        return path.is_file() and self._inside(path)
 
     def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         check_key(prefix, prefix=True)
         # Walk only the folder the prefix points into, then filter by the string prefix.
         folder = self.root / prefix.rpartition("/")[0] if prefix else self.root
-        if not folder.is_dir():
+        real_root = self._real_root
+        if not folder.is_dir() or not _within(folder, real_root):
             return []
         out = []
+        # os.walk does not descend into linked folders; linked files are kept if they stay inside.
         for dirpath, _, files in os.walk(folder):
             for name in files:
                 if name.endswith(TMP_SUFFIX):
                     continue
                 full = Path(dirpath, name)
                 key = full.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    out.append(ObjectInfo(key, full.stat().st_size))
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    info = os.lstat(full)
+                    if stat.S_ISLNK(info.st_mode):
+                        if not _within(full, real_root):
+                            log.warning("not listing %s: a link out of the store %s", full, self.root)
+                            continue
+                        info = os.stat(full)
+                except OSError:  # removed meanwhile, or a dangling link
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    out.append(ObjectInfo(key, info.st_size))
         return sorted(out, key=lambda o: o.key)
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         if prefix and not prefix.endswith("/"):
             raise ValueError(f"list_dirs needs a folder prefix ending in '/', got {prefix!r}")
         folder = self._path(prefix, prefix=True)
-        if not folder.is_dir():
+        real_root = self._real_root
+        if not folder.is_dir() or not _within(folder, real_root):
             return []
-        return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+        return sorted(
+            e.name
+            for e in os.scandir(folder)
+            if e.is_dir()
+            and not e.name.startswith(".")
+            and (not e.is_symlink() or _within(e.path, real_root))
+        )
 
     def delete_prefix(self, prefix: str) -> None:
         if not check_key(prefix, prefix=True):
             raise ValueError("refusing to delete the whole store (empty prefix)")
+        where = self.root / prefix.rpartition("/")[0]
+        if where.exists() and not self._inside(where):
+            raise StoreError(f"refusing to delete {prefix!r}: it leads out of the store root {self.root}")
         if prefix.endswith("/"):
             shutil.rmtree(self._path(prefix, prefix=True), ignore_errors=True)
             return
@@ -112,7 +209,7 @@ class LocalStore(Store):
             for entry in os.scandir(folder):
                 rel = Path(entry.path).relative_to(self.root).as_posix()
                 if rel.startswith(prefix):
-                    if entry.is_dir():
+                    if entry.is_dir(follow_symlinks=False):  # a link is removed, not what it points to
                         shutil.rmtree(entry.path, ignore_errors=True)
                     else:
                         Path(entry.path).unlink(missing_ok=True)
@@ -121,4 +218,88 @@ class LocalStore(Store):
         return str(self._path(key, prefix=True)) if key else str(self.root)
 
     def arrow_filesystem(self) -> tuple[pafs.FileSystem, str]:
-        return pafs.LocalFileSystem(), self.root.as_posix()
+        """The local filesystem, through a wrapper that keeps the store's rule on links (readers
+        such as the API's image streaming open files through it); reads themselves stay native."""
+        return pafs.PyFileSystem(RootedLocalFS(self.root)), self.root.as_posix()
+
+
+class RootedLocalFS(pafs.FileSystemHandler):
+    """pyarrow's local filesystem, except that a path whose real path is outside ``root`` does not
+    exist: not found by ``get_file_info``, left out of listings, refused by every open, and never
+    written through. Wrap with ``pyarrow.fs.PyFileSystem``."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.inner = pafs.LocalFileSystem()
+
+    def _inside(self, path: str) -> bool:
+        return _within(path, os.path.realpath(self.root))
+
+    def _check(self, path: str) -> str:
+        if not self._inside(path):
+            raise FileNotFoundError(f"{path}: a link out of the store root {self.root} (not followed)")
+        return path
+
+    def get_type_name(self) -> str:
+        return "zfatlas-local"
+
+    def equals(self, other: Any) -> bool:
+        return self == getattr(other, "handler", other)
+
+    # pyarrow compares two PyFileSystems by their handlers' ==.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RootedLocalFS) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    def normalize_path(self, path: str) -> str:
+        return self.inner.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        infos = self.inner.get_file_info(paths)
+        real_root = os.path.realpath(self.root)
+        return [
+            i if _within(i.path, real_root) else pafs.FileInfo(i.path, pafs.FileType.NotFound) for i in infos
+        ]
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        if not self._inside(selector.base_dir):
+            if selector.allow_not_found:
+                return []
+            raise FileNotFoundError(f"{selector.base_dir}: a link out of the store root {self.root}")
+        real_root = os.path.realpath(self.root)
+        return [i for i in self.inner.get_file_info(selector) if _within(i.path, real_root)]
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self.inner.open_input_file(self._check(path))
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self.inner.open_input_stream(self._check(path))
+
+    def open_output_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return self.inner.open_output_stream(self._check(path), metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return self.inner.open_append_stream(self._check(path), metadata=metadata)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.inner.create_dir(self._check(path), recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.inner.delete_dir(self._check(path))
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.inner.delete_dir_contents(self._check(path), missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to delete the contents of the filesystem root")
+
+    def delete_file(self, path: str) -> None:
+        self.inner.delete_file(self._check(path))
+
+    def move(self, src: str, dest: str) -> None:
+        self.inner.move(self._check(src), self._check(dest))
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.inner.copy_file(self._check(src), self._check(dest))

@@ -3,6 +3,13 @@
 Endpoint, region and credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``,
 ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, profiles, ...) or an explicit ``endpoint_url``. Credentials
 are resolved by boto3 in each process and are never stored on the object, pickled or logged.
+
+An explicit ``endpoint_url`` (a spec's, a manifest's) gets this process's credentials only if it is
+allowed (:func:`endpoint_allowed`): listed in ``ZFATLAS_S3_ENDPOINTS`` (comma-separated URLs), the
+environment's own ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``, or named by the operator of this
+process (:func:`trust_endpoint`: a command-line flag, a server setting). Any other endpoint is
+refused with :class:`EndpointNotAllowedError` before a request is made, so a submitted spec cannot
+have a job sign requests, with the cluster's keys, to a host of its choosing.
 """
 
 from __future__ import annotations
@@ -50,6 +57,12 @@ for _name in ("botocore", "boto3", "s3transfer"):
 # Clients are created lazily, possibly by several reader threads at once; one is enough.
 _CLIENT_LOCK = threading.Lock()
 
+ENDPOINTS_ENV = "ZFATLAS_S3_ENDPOINTS"
+_ENVIRONMENT_ENDPOINTS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_TRUSTED: set[str] = set()  # endpoints this process's operator named (trust_endpoint)
+_TRUSTED_LOCK = threading.Lock()
+
 MIB = 1 << 20
 # S3 rejects multipart parts under 5 MiB (except the last), so chunks never go below that.
 _MIN_PART = 5 * MIB
@@ -63,6 +76,56 @@ _ACCESS_CODES = {
     "403",
 }
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+class EndpointNotAllowedError(StoreAccessError):
+    """An S3 endpoint that may not be sent this process's credentials (not in the allow-list)."""
+
+
+def normalize_endpoint(url: str) -> str:
+    """``url`` in one spelling (scheme and host lower-cased, default port explicit, no trailing
+    slash), so the allow-list matches however a URL is written."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        return url.strip()
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
+def allowed_endpoints() -> set[str]:
+    """The endpoints this process sends credentials to (normalized): ``ZFATLAS_S3_ENDPOINTS``, the
+    environment's ``AWS_ENDPOINT_URL(_S3)``, and those named by :func:`trust_endpoint`."""
+    urls = [u for u in os.environ.get(ENDPOINTS_ENV, "").split(",") if u.strip()]
+    urls += [os.environ[name] for name in _ENVIRONMENT_ENDPOINTS if os.environ.get(name)]
+    with _TRUSTED_LOCK:
+        trusted = set(_TRUSTED)
+    return {normalize_endpoint(u) for u in urls} | trusted
+
+
+def endpoint_allowed(url: str | None) -> bool:
+    """Whether requests to ``url`` may carry credentials; None (AWS itself, or the environment's
+    own endpoint) always may."""
+    return url is None or normalize_endpoint(url) in allowed_endpoints()
+
+
+def check_endpoint(url: str | None) -> None:
+    """:class:`EndpointNotAllowedError` unless :func:`endpoint_allowed`."""
+    if not endpoint_allowed(url):
+        raise EndpointNotAllowedError(
+            f"not sending AWS credentials to S3 endpoint {url}: it is not an allowed endpoint; if it is "
+            f"yours, add it to {ENDPOINTS_ENV} (comma-separated URLs) where this runs"
+        )
+
+
+def trust_endpoint(url: str) -> None:
+    """Allow ``url`` in this process (not in jobs it starts): for endpoints the operator named
+    (``--endpoint-url``, ``ZFATLAS_API_ENDPOINT_URL``), as opposed to ones read from specs."""
+    with _TRUSTED_LOCK:
+        _TRUSTED.add(normalize_endpoint(url))
 
 
 class S3Store(Store):
@@ -108,6 +171,7 @@ class S3Store(Store):
             return self.__dict__.get("_cached_client") or self._new_client()
 
     def _new_client(self) -> Any:
+        check_endpoint(self.endpoint_url)  # before boto3 resolves credentials, before any request
         session = boto3.session.Session()
         custom = (
             self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -198,6 +262,11 @@ class S3Store(Store):
     def check(self) -> None:
         with self._errors():
             self._diagnose(f"s3://{self.bucket}")
+
+    def check_readable(self) -> None:
+        """For readers: the same question (does the bucket answer these credentials?); HeadBucket
+        needs no write access."""
+        self.check()
 
     # --- primitives ---
 

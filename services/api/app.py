@@ -12,15 +12,15 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from jobs.store import Store, open_store
-from services.api import errors
+from services.api import deps, errors
 from services.api.catalog import Catalog
 from services.api.routes import atlas, diffs, images, runs
-from services.http.limits import BodySizeLimit
+from services.http.guards import ServiceApp
 from services.http.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,17 +50,22 @@ def create_app(
     ``store`` overrides the store the settings name; ``routers`` are mounted too (their endpoints
     see the same settings, so the same token rules)."""
     settings = settings or Settings()
+    if settings.endpoint_url:
+        from jobs.store.s3 import trust_endpoint
+
+        trust_endpoint(settings.endpoint_url)  # the operator named it: it gets this process's credentials
     store = store or open_store(settings.store, settings.endpoint_url)
-    app = FastAPI(
+    app = ServiceApp(
+        settings,
         title="zfatlas",
         version="1",
         description=DESCRIPTION,
         openapi_tags=TAGS,
+        # Query times that cannot be compared in UTC are the client's mistake (422), not a crash.
+        dependencies=[Depends(deps.representable_times)],
     )
-    app.state.settings = settings
     app.state.catalog = Catalog(store, settings.cache_runs)
     errors.install(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
     app.include_router(runs.router(settings))
     app.include_router(atlas.router(settings))

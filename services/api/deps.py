@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TypeVar
 from urllib.parse import quote
 
 from fastapi import HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 
 from jobs.store import check_key
 from services.api.bodies import Page
@@ -19,6 +21,8 @@ T = TypeVar("T")
 # anything else is refused before it reaches the store.
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 IMAGES_PREFIX = "/api/images/"
+# Query parameters that are points in time, compared in UTC by the readers.
+TIME_PARAMS = ("since",)
 
 
 def catalog(request: Request) -> Catalog:
@@ -55,6 +59,30 @@ def page_params(settings: Settings) -> Callable[..., PageParams]:
         return PageParams(offset, limit)
 
     return dependency
+
+
+def representable_times(request: Request) -> None:
+    """422 for a time query parameter that has no UTC equivalent: ``0001-01-01T00:00:00+14:00`` is
+    a valid ISO 8601 time, but in UTC it falls before year 1, which Python cannot represent (the
+    readers would fail with OverflowError, a 500). App-wide, so every route taking one is covered."""
+    for name in TIME_PARAMS:
+        text = request.query_params.get(name)
+        if not text:
+            continue
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            continue  # not ISO 8601: the route's own validation answers it
+        if moment.tzinfo is None:
+            continue  # taken as UTC: nothing to convert
+        try:
+            moment.astimezone(timezone.utc)
+        except OverflowError:
+            raise RequestValidationError([{
+                "type": "datetime_range", "loc": ("query", name), "input": text,
+                "msg": f"{text!r} is outside the range of times that can be compared in UTC "
+                       "(years 1 to 9999)",
+            }]) from None
 
 
 def safe_key(key: str) -> str:

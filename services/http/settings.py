@@ -5,14 +5,18 @@ variables, validated when created so a bad configuration fails at start, not at 
 from __future__ import annotations
 
 import ipaddress
+import json
+from typing import Annotated
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from jobs.uris import parse_uri
+from jobs.uris import Location, parse_uri
 
 MIN_TOKEN_LENGTH = 16
+# Bind addresses that mean "every interface": they name no host a client would put in Host.
+_WILDCARD_BINDS = {"", "0.0.0.0", "::", "[::]"}
 
 
 def is_loopback(host: str) -> bool:
@@ -23,6 +27,44 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def host_name(header: str) -> str:
+    """The host part of a ``Host`` header value, lower-cased, without its port (``[::1]:8000`` ->
+    ``[::1]``, ``Example.org:80`` -> ``example.org``)."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        return value[: end + 1] if end != -1 else value
+    if value.count(":") > 1:
+        return value  # a bare IPv6 address (a setting; Host headers bracket them): no port to strip
+    host, sep, port = value.rpartition(":")
+    return host if sep and (port.isdigit() or not port) else value
+
+
+def _bracketed(host: str) -> str:
+    # A bare IPv6 address (a bind address, a setting) as it appears in a Host header.
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _comma_list(value: object) -> object:
+    # From the environment: "a.example.org, b.example.org" (JSON lists work too).
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def _under(location: Location, prefix: Location) -> bool:
+    """Whether ``location`` is ``prefix`` or inside it (by path segments, never by string prefix)."""
+    if location.is_s3 != prefix.is_s3:
+        return False
+    if location.is_s3:
+        inner, outer = location.path.split("/"), prefix.path.split("/")
+        return location.bucket == prefix.bucket and (not prefix.path or inner[: len(outer)] == outer)
+    return location.local_path().resolve().is_relative_to(prefix.local_path().resolve())
 
 
 class Settings(BaseSettings):
@@ -49,6 +91,17 @@ class Settings(BaseSettings):
         1 << 20, ge=1024, le=64 << 20, description="Largest request body accepted (413 above it)."
     )
     cache_runs: int = Field(32, ge=1, le=4096, description="Atlases whose table metadata is kept in memory.")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host header names accepted besides loopback ones (127.0.0.1, localhost, [::1]) and "
+        "the bound address, any port: comma-separated; '*.example.org' matches subdomains, '*' any "
+        "host. Other Host headers are answered 400 (DNS rebinding).",
+    )
+    allowed_outputs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Artifact stores (paths or s3:// prefixes) that jobs and schedules submitted over "
+        "HTTP may write to besides `store`: comma-separated; '*' allows any.",
+    )
 
     @field_validator("store")
     @classmethod
@@ -64,6 +117,34 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        return _comma_list(value)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        names = []
+        for entry in value:
+            if not entry or any(ch.isspace() or ch in "/\\@" for ch in entry):
+                raise ValueError(f"{entry!r} is not a host name (e.g. atlas.example.org or *.example.org)")
+            names.append(entry if entry == "*" else _bracketed(host_name(entry)))
+        return names
+
+    @field_validator("allowed_outputs", mode="before")
+    @classmethod
+    def _split_outputs(cls, value: object) -> object:
+        return _comma_list(value)
+
+    @field_validator("allowed_outputs")
+    @classmethod
+    def _outputs(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if entry != "*":
+                parse_uri(entry)  # ValueError names what is wrong
         return value
 
     @field_validator("token")
@@ -91,3 +172,30 @@ class Settings(BaseSettings):
                 "exposing the API beyond this machine"
             )
         return self
+
+    def host_allowed(self, header: str | None) -> bool:
+        """Whether a request's ``Host`` header names this server: a loopback name, the address it
+        binds, or one of ``allowed_hosts`` (any port). A page on another name that resolves to this
+        machine (DNS rebinding) gets no answer but 400."""
+        if not header:
+            return False
+        name = host_name(header)
+        if is_loopback(name):
+            return True
+        bound = _bracketed(self.host.strip().lower())
+        if bound not in _WILDCARD_BINDS and name == bound:
+            return True
+        for entry in self.allowed_hosts:
+            if entry == "*" or name == entry:
+                return True
+            if entry.startswith("*.") and name.endswith(entry[1:]):
+                return True
+        return False
+
+    def output_allowed(self, uri: str) -> bool:
+        """Whether a job submitted over HTTP may write to ``uri``: inside ``store`` or one of
+        ``allowed_outputs`` (local paths compared after resolving links and ``..``)."""
+        if "*" in self.allowed_outputs:
+            return True
+        location = parse_uri(uri)
+        return any(_under(location, parse_uri(prefix)) for prefix in [self.store, *self.allowed_outputs])

@@ -1,6 +1,7 @@
 """The scheduler's own small HTTP app (``zfatlas scheduler serve``): the scheduling loop runs for
 the app's lifetime, and :data:`services.scheduler.http.router` serves its endpoints with the same
-token rules as the main API (``ZFATLAS_API_TOKEN``)."""
+token rules as the main API (``ZFATLAS_API_TOKEN``) and the same guards (Host check, body limit
+before authentication, security headers: :class:`services.http.guards.ServiceApp`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.http.guards import ServiceApp
 from services.http.settings import Settings
 from services.scheduler.http import router
 from services.scheduler.service import SchedulerService
@@ -23,8 +25,7 @@ def create_scheduler_app(service: SchedulerService, settings: Settings | None = 
         finally:
             service.stop()
 
-    app = FastAPI(title="zfatlas scheduler", version="1", lifespan=lifespan)
-    app.state.settings = settings or Settings()
+    app = ServiceApp(settings or Settings(), title="zfatlas scheduler", version="1", lifespan=lifespan)
     app.state.scheduler = service
 
     @app.get("/healthz", include_in_schema=False)

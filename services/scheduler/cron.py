@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 # Enough to walk back over a long outage of an every-minute schedule without unbounded work.
 MAX_ENUMERATED = 10_000
@@ -28,13 +28,23 @@ def zone(name: str) -> ZoneInfo:
         ) from exc
 
 
+# Any instant does to ask whether an expression ever fires: its calendar repeats every 400 years.
+_PROBE = datetime(2001, 1, 1, tzinfo=timezone.utc)
+
+
 def check_cron(expr: str) -> str:
-    """``expr`` if it is a valid five-field cron expression (or an @-alias), else ValueError."""
+    """``expr`` if it is a valid five-field cron expression (or an @-alias) that fires at some
+    time, else ValueError. Well-formed expressions for a date that never comes (``0 0 30 2 *``,
+    the 31st of April) are refused: nothing could ever be computed from them."""
     expr = " ".join(expr.split())
     if not expr.startswith("@") and len(expr.split()) != 5:
         raise ValueError(f"{expr!r} is not a five-field cron expression (minute hour day month weekday)")
     if not croniter.is_valid(expr):
         raise ValueError(f"{expr!r} is not a valid cron expression")
+    try:
+        croniter(expr, _PROBE).get_next(datetime)
+    except (CroniterBadDateError, ValueError, OverflowError):
+        raise ValueError(f"{expr!r} never fires: no date matches its day and month fields") from None
     return expr
 
 

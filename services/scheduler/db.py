@@ -24,6 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from services.scheduler.model import PENDING, Attempt, Run, Schedule, ScheduleConfig, iso
 
 log = logging.getLogger(__name__)
@@ -78,11 +80,29 @@ def _time(text: str | None) -> datetime | None:
 
 
 def _schedule(row: sqlite3.Row) -> Schedule:
+    """The row as a Schedule; one that no longer validates comes back with its problem instead of
+    raising, so one bad row never breaks a listing or the loop over the others."""
+    stored: Any = None
+    try:
+        stored = json.loads(row["config"])
+        config: ScheduleConfig | None = ScheduleConfig.model_validate(stored)
+        problem = None
+    except ValidationError as exc:
+        config = None
+        problem = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+    except ValueError as exc:  # not JSON
+        config, problem = None, f"unreadable configuration: {exc}"
     return Schedule(
-        config=ScheduleConfig.model_validate(json.loads(row["config"])),
+        name=row["name"],
+        config=config,
         paused=bool(row["paused"]),
         created_at=_time(row["created_at"]),  # type: ignore[arg-type]
         watermark=_time(row["watermark"]),  # type: ignore[arg-type]
+        problem=problem,
+        stored=stored if isinstance(stored, dict) else {},
     )
 
 
@@ -250,6 +270,15 @@ class Tx:
             "UPDATE attempts SET status = ?, finished_at = COALESCE(?, finished_at), "
             "message = COALESCE(?, message) WHERE run_id = ? AND attempt = ?",
             (status, iso(finished_at), message, run_id, attempt),
+        )
+
+    def reopen_attempt(self, run_id: str, attempt: int, status: str, message: str) -> None:
+        """An attempt recorded as finished turns out to be going after all (a submission that was
+        not confirmed did reach the cluster): its status, no end time, and why."""
+        self._conn.execute(
+            "UPDATE attempts SET status = ?, finished_at = NULL, message = ? "
+            "WHERE run_id = ? AND attempt = ?",
+            (status, message, run_id, attempt),
         )
 
 

@@ -8,6 +8,12 @@ Mutating endpoints need the API's bearer token (:func:`services.http.security.re
 reads follow :func:`services.http.security.require_read_access` (open on loopback). The database
 and the cluster come from ``app.state.scheduler`` (a :class:`SchedulerService`), created from the
 ``ZFATLAS_SCHEDULER_*`` environment on first use when the app has none.
+
+What is submitted over HTTP (a job, a schedule's template) writes to the server's ``store`` unless
+it names an output, which must then be inside ``store`` or one of ``allowed_outputs``; it may
+name only an S3 endpoint this process would send credentials to
+(:func:`jobs.store.s3.endpoint_allowed`). Anything else is 422 before the cluster is asked, and so
+are unknown fields in a body.
 """
 
 from __future__ import annotations
@@ -17,10 +23,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.kinds import parse_spec
-from jobs.specs.base import SpecError
+from jobs.specs.base import SpecBase, SpecError
 from jobs.specs.loading import apply_overrides, spec_run_id
 from jobs.submission.ray_jobs import (
     JobNotFoundError,
@@ -32,10 +38,13 @@ from jobs.submission.ray_jobs import (
     stop_job,
 )
 from jobs.submission.submit import prepare, submit
-from services.http.security import require_read_access, require_token
+from jobs.uris import parse_uri
+from services.http.security import app_settings, require_read_access, require_token
+from services.http.settings import Settings
 from services.scheduler.db import ScheduleExistsError, ScheduleNotFoundError
 from services.scheduler.model import ScheduleConfig
 from services.scheduler.service import SchedulerService
+from services.scheduler.template import check_template
 
 _NAME = r"^[a-z0-9][a-z0-9-_]*$"
 _JOB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -56,6 +65,8 @@ def scheduler_service(request: Request) -> SchedulerService:
 
 
 class SubmitIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt "overides" must not be silently ignored
+
     spec: dict[str, Any] = Field(..., description="A job spec, as in a spec file.")
     overrides: list[str] = Field(default_factory=list, description="field.path=value overrides.")
     output: str | None = Field(None, description="Artifact store to use instead of the spec's output.")
@@ -72,6 +83,35 @@ def _spec_problems(problems: list[str]) -> JSONResponse:
         {"detail": "; ".join(problems), "problems": problems},
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
     )
+
+
+def _with_output(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """``spec`` writing to the server's store when it names no output of its own (local stores as
+    absolute paths: the job, or the scheduler loop that submits it, may run in another folder)."""
+    if "output" in spec:
+        return spec
+    location = parse_uri(settings.store)
+    store = settings.store if location.is_s3 else str(location.local_path().absolute())
+    return {**spec, "output": store}
+
+
+def _where_it_goes(job: SpecBase, settings: Settings, field: str = "") -> list[str]:
+    """Problems with where a job submitted over HTTP would write and which S3 endpoint it would
+    send credentials to (``job`` as :func:`jobs.submission.submit.prepare` made it)."""
+    from jobs.store.s3 import ENDPOINTS_ENV, endpoint_allowed  # boto3: only when a job is submitted
+
+    problems = []
+    if not settings.output_allowed(job.output):
+        problems.append(
+            f"{field}output: {job.output} is outside this server's store ({settings.store}); jobs "
+            "submitted over HTTP write there or under ZFATLAS_API_ALLOWED_OUTPUTS"
+        )
+    if not endpoint_allowed(job.endpoint_url):
+        problems.append(
+            f"{field}endpoint_url: {job.endpoint_url} is not an allowed S3 endpoint (set "
+            f"{ENDPOINTS_ENV} here and where the job runs)"
+        )
+    return problems
 
 
 def _cluster_error(exc: JobsAPIError) -> HTTPException:
@@ -91,14 +131,20 @@ def _cluster_error(exc: JobsAPIError) -> HTTPException:
     summary="Validate a spec and submit it to the Ray cluster",
     dependencies=[Depends(require_token)],
 )
-def submit_job(body: SubmitIn, service: SchedulerService = Depends(scheduler_service)) -> Any:
+def submit_job(
+    body: SubmitIn, request: Request, service: SchedulerService = Depends(scheduler_service)
+) -> Any:
+    settings = app_settings(request)
     try:
-        spec = parse_spec(apply_overrides(body.spec, body.overrides))
+        spec = parse_spec(_with_output(apply_overrides(body.spec, body.overrides), settings))
         job = prepare(spec, body.output)
     except SpecError as exc:
         return _spec_problems(exc.problems)
     except ValueError as exc:
         return _spec_problems([f"output: {exc}"])
+    problems = _where_it_goes(job, settings)
+    if problems:
+        return _spec_problems(problems)
     try:
         job_id = submit(job, service.address)
     except JobsAPIError as exc:
@@ -184,8 +230,14 @@ def schedules(
     dependencies=[Depends(require_token)],
 )
 def add_schedule(
-    config: ScheduleConfig, service: SchedulerService = Depends(scheduler_service)
-) -> dict[str, Any]:
+    config: ScheduleConfig, request: Request, service: SchedulerService = Depends(scheduler_service)
+) -> Any:
+    # The template validated with the config; where its runs would write is this server's business.
+    settings = app_settings(request)
+    config = config.model_copy(update={"spec": _with_output(config.spec, settings)})
+    problems = _where_it_goes(prepare(check_template(config.spec)), settings, "spec.")
+    if problems:
+        return _spec_problems(problems)
     try:
         with service.db.transaction() as tx:
             tx.insert_schedule(config, service.clock.now())

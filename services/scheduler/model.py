@@ -9,7 +9,8 @@ Policies follow Kubernetes CronJob where it has one:
   fire only within ``starting_deadline_s`` of its time; ``latest`` runs the most recent passed
   fire whatever its age; ``all`` runs the most recent ``max_catchup``. The others are recorded as
   ``missed``.
-- ``retry`` — a run whose Ray job fails (or cannot be submitted) is submitted again after
+- ``retry`` — a run whose Ray job fails, or whose submission the Jobs API did not confirm (it
+  could not be reached, or refused), is submitted again after
   ``backoff_s * backoff_factor ** (attempt - 2)`` seconds (at most ``max_backoff_s``), up to
   ``max_attempts`` attempts in all, then reported ``failed``.
 """
@@ -41,6 +42,13 @@ SKIPPED = "skipped"  # concurrency "forbid": an earlier run was still active
 MISSED = "missed"  # catch-up policy: passed while the scheduler was not running
 REPLACED = "replaced"  # concurrency "replace": stopped for a newer run
 ACTIVE = (PENDING, RUNNING, RETRYING)
+
+# Attempt states besides claimed, submitted and the Ray job's own (PENDING ... STOPPED, LOST, ERROR):
+UNCONFIRMED = "UNCONFIRMED"  # sent, but the Jobs API did not confirm it: the job may exist or not
+NOT_SUBMITTED = "NOT_SUBMITTED"  # was UNCONFIRMED; the cluster has since said it has no such job
+# Never sent: the cluster could not be reached to learn whether an UNCONFIRMED attempt got through,
+# and sending another could have started the run twice.
+UNREACHABLE = "UNREACHABLE"
 
 
 class RetryPolicy(BaseModel):
@@ -112,28 +120,46 @@ class ScheduleConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Schedule:
-    """A stored schedule: its configuration and its state."""
+    """A stored schedule: its configuration and its state.
 
-    config: ScheduleConfig
+    A row that no longer validates (stored by an older zfatlas with looser checks, e.g. a cron for
+    a date that never comes, or edited by hand) has ``config`` None and ``problem`` saying why: it
+    is listed with its problem, never fired, and can be paused or removed like any other.
+    """
+
+    name: str
+    config: ScheduleConfig | None
     paused: bool
     created_at: datetime
     # Every fire time up to here has been decided (run, skipped or missed); later ones have not.
     watermark: datetime
+    problem: str | None = None
+    stored: dict[str, Any] = field(default_factory=dict)  # the row's configuration as stored
 
-    @property
-    def name(self) -> str:
-        return self.config.name
+    def next_fire_times(self, now: datetime, count: int = 3) -> list[datetime]:
+        """The next ``count`` fire times after ``now`` (none when paused); ValueError for a
+        schedule that cannot fire (see ``problem``)."""
+        if self.config is None:
+            raise ValueError(self.problem or "invalid schedule")
+        if self.paused:
+            return []
+        return self.config.next_fire_times(max(now, self.watermark), count)
 
     def to_dict(self, now: datetime, count: int = 3) -> dict[str, Any]:
-        after = max(now, self.watermark)
+        config = self.config.model_dump(mode="json") if self.config else {**self.stored, "name": self.name}
+        problem, times = self.problem, []
+        if problem is None:
+            try:
+                times = [iso(t) for t in self.next_fire_times(now, count)]
+            except Exception as exc:  # noqa: BLE001 - whatever a stored row makes croniter raise is shown
+                problem = f"cannot compute its fire times: {exc}"
         return {
-            **self.config.model_dump(mode="json"),
+            **config,
             "paused": self.paused,
             "created_at": iso(self.created_at),
             "watermark": iso(self.watermark),
-            "next_fire_times": []
-            if self.paused
-            else [iso(t) for t in self.config.next_fire_times(after, count)],
+            "next_fire_times": times,
+            "problem": problem,
         }
 
 
@@ -141,7 +167,9 @@ class Schedule:
 class Attempt:
     attempt: int
     ray_job_id: str  # the submission id, derived from the run id and the attempt number
-    status: str  # claimed, submitted, a Ray job status (PENDING ... STOPPED) or ERROR
+    # claimed, submitted, a Ray job status (PENDING ... STOPPED), LOST, ERROR, or one of the
+    # submission states above (UNCONFIRMED, NOT_SUBMITTED, UNREACHABLE)
+    status: str
     claimed_at: datetime
     finished_at: datetime | None = None
     message: str | None = None
@@ -202,3 +230,12 @@ def run_id_for(schedule: str, scheduled_at: datetime) -> str:
 def submission_id_for(run_id: str, attempt: int) -> str:
     """The Ray submission id of one attempt: the run id itself for the first."""
     return run_id if attempt == 1 else f"{run_id}-attempt{attempt}"
+
+
+def attempt_for(run_id: str, submission_id: str) -> int | None:
+    """The attempt whose submission id is ``submission_id`` (the inverse of
+    :func:`submission_id_for`); None for an id of no attempt of this run."""
+    if submission_id == run_id:
+        return 1
+    number = submission_id.removeprefix(f"{run_id}-attempt")
+    return int(number) if number != submission_id and number.isdigit() else None

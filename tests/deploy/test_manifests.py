@@ -20,6 +20,7 @@ import ray.autoscaler
 import yaml
 
 from jobs.kinds import load_spec
+from services.http.settings import Settings
 from services.scheduler.cron import check_cron, zone
 from zfatlas_cli.main import build_parser
 
@@ -144,6 +145,12 @@ def test_the_scheduler_deployment_serves_with_a_token_on_a_volume():
     assert variables["ZFATLAS_API_TOKEN"]["secretKeyRef"]["name"] == "zfatlas-api-token"  # non-loopback bind
     assert variables["ZFATLAS_SCHEDULER_DB"].startswith(container["volumeMounts"][0]["mountPath"] + "/")
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # The probe and the in-cluster clients pass the Host check (a foreign Host is answered 400).
+    settings = Settings(host="0.0.0.0", token="t" * 32, allowed_hosts=variables["ZFATLAS_API_ALLOWED_HOSTS"])
+    [probe_host] = container["readinessProbe"]["httpGet"]["httpHeaders"]
+    assert probe_host["name"] == "Host" and settings.host_allowed(probe_host["value"])
+    assert settings.host_allowed("zfatlas-scheduler.default.svc:8001")
+    assert not settings.host_allowed("attacker.example.org")
 
 
 def test_the_cluster_launcher_config_matches_rays_schema_and_enables_token_auth():

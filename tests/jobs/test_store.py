@@ -344,8 +344,11 @@ class _FlakyProxy:
 
 
 @pytest.mark.s3
-def test_s3_retries_throttling_then_gives_up_naming_the_key(s3_endpoint: str, s3_bucket: str) -> None:
+def test_s3_retries_throttling_then_gives_up_naming_the_key(
+    s3_endpoint: str, s3_bucket: str, monkeypatch
+) -> None:
     proxy = _FlakyProxy(s3_endpoint, failures=1)
+    monkeypatch.setenv("ZFATLAS_S3_ENDPOINTS", f"{s3_endpoint},{proxy.url}")  # the proxy is ours too
     try:
         store = open_store(f"s3://{s3_bucket}/p", proxy.url)
         store.put_bytes("k", b"v")  # throttled (botocore backs off up to 1 s), then OK

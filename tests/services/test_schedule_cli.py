@@ -1,5 +1,5 @@
 """``zfatlas schedule ...`` on a scheduler database: add, list with next fire times, pause, resume,
-remove, history; bad input is one line per problem and exit 2."""
+remove, history; bad input is one ``zfatlas: field: reason`` line per problem and exit 2."""
 
 from __future__ import annotations
 
@@ -78,16 +78,24 @@ def test_bad_schedules_are_refused_with_one_line_per_problem(tmp_path, capsys):
     spec.write_text(yaml.safe_dump({**SPEC, "layers": ["conv9"], "run_id": "fixed"}))
     assert main(["schedule", "add", "n", "--cron", "0 2 * * *", "--spec", str(spec), "--db", db]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("run_id: set by the scheduler") and err[1].startswith("layers.0: unknown layer")
+    assert err[0].startswith("zfatlas: run_id: set by the scheduler")
+    assert err[1].startswith("zfatlas: layers.0: unknown layer")
 
     spec.write_text(yaml.safe_dump(SPEC))
     assert main(["schedule", "add", "n", "--cron", "every night", "--spec", str(spec), "--db", db]) == 2
-    assert capsys.readouterr().err.startswith("cron: 'every night' is not a five-field cron expression")
+    assert capsys.readouterr().err.startswith("zfatlas: cron: 'every night' is not a five-field cron")
+    # Well-formed, but the 30th of February never comes: refused, naming the field, and not stored.
+    assert main(["schedule", "add", "n", "--cron", "0 0 30 2 *", "--spec", str(spec), "--db", db]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zfatlas: cron: '0 0 30 2 *' never fires") and err.count("\n") == 1
+    with ScheduleDB(db).reading() as tx:
+        assert tx.schedules() == []
     assert (
         main(
             ["schedule", "add", "n", "--cron", "0 2 * * *", "--tz", "Berlin", "--spec", str(spec), "--db", db]
         )
         == 2
     )
-    assert capsys.readouterr().err.startswith("timezone: unknown time zone 'Berlin'")
+    assert capsys.readouterr().err.startswith("zfatlas: timezone: unknown time zone 'Berlin'")
     assert main(["schedule", "pause", "nope", "--db", db]) == 1
+    assert capsys.readouterr().err.startswith("zfatlas: no schedule 'nope' in ")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from jobs.store import open_store, read_manifest
-from jobs.submission.ray_jobs import job_info, jobs_client, list_jobs
+from jobs.submission.ray_jobs import JobsAPIError, job_info, jobs_client, list_jobs
 from services.scheduler.cron import fire_times_between, next_fire_times
 from services.scheduler.db import ScheduleDB
 from services.scheduler.model import RetryPolicy, ScheduleConfig, run_id_for
@@ -308,17 +308,56 @@ def test_a_retry_that_succeeds_ends_the_run_succeeded(db_path):
     assert "exit code 1" in run.history[0].message
 
 
-def test_an_unreachable_cluster_does_not_use_up_attempts(db_path):
+def attempts_of(db: ScheduleDB, run_id: str) -> tuple[str, int, list[str], str]:
+    with db.reading() as tx:
+        run = tx.run(run_id, with_history=True)
+    return run.status, run.attempts, [a.status for a in run.history], run.message or ""
+
+
+def test_an_unreachable_cluster_is_a_failed_attempt_retried_after_its_backoff(db_path):
     clock, cluster = ManualClock(T0), RecordingCluster(auto_finish="SUCCEEDED", unreachable=True)
-    sched = scheduler(db_path, cluster, clock, claim_grace_s=30)
-    add(sched.db, T0, retry=RetryPolicy(max_attempts=1))
-    sched.run(until=utc(12, 3, 30))  # 12:01 is claimed, but nothing gets through
+    sched = scheduler(db_path, cluster, clock)
+    add(sched.db, T0, retry=RetryPolicy(max_attempts=3, backoff_s=60))
     first = run_id_for("every-minute", utc(12, 1))
-    assert cluster.accepted == [] and history(sched.db)[first] == "pending"
+    sched.run(until=utc(12, 1, 30))  # 12:01 fires; nothing gets through
+    status, attempts, history_, message = attempts_of(sched.db, first)
+    assert (status, attempts, history_) == ("retrying", 1, ["UNCONFIRMED"])
+    assert message == "submission not confirmed: connection refused"
+
     cluster.unreachable = False
-    sched.run(until=utc(12, 4, 30))
-    assert cluster.accepted[0] == first  # submitted again under the same id, attempt 1
-    assert history(sched.db)[first] == "succeeded"
+    sched.run(until=utc(12, 2, 30))  # attempt 2 at 12:02, after asking whether attempt 1 got through
+    assert cluster.accepted == [f"{first}-attempt2"]
+    assert attempts_of(sched.db, first)[:3] == ("succeeded", 2, ["NOT_SUBMITTED", "SUCCEEDED"])
+    assert history(sched.db)[run_id_for("every-minute", utc(12, 2))] == "skipped"  # forbid: 12:01 was active
+
+
+def test_a_submission_whose_answer_was_lost_is_followed_not_submitted_again(db_path):
+    """The Jobs API took the job but the answer never came back: the retry finds the job on the
+    cluster and follows it; the run never has a second job."""
+    clock, cluster = ManualClock(T0), RecordingCluster(auto_finish="SUCCEEDED")
+    first = run_id_for("every-minute", utc(12, 1))
+
+    def lose_the_answer(job_id: str) -> None:
+        if job_id == first:
+            raise JobsAPIError("read timed out")
+
+    cluster.after_accept = lose_the_answer
+    sched = scheduler(db_path, cluster, clock)
+    add(sched.db, T0, retry=RetryPolicy(max_attempts=3, backoff_s=30))
+    sched.run(until=utc(12, 1, 10))
+    assert attempts_of(sched.db, first)[:3] == ("retrying", 1, ["UNCONFIRMED"])
+
+    cluster.after_accept = None
+    cluster.unreachable = True  # when attempt 2 is due the cluster cannot say: it is not sent
+    sched.run(until=utc(12, 1, 40))
+    status, attempts, history_, message = attempts_of(sched.db, first)
+    assert (status, attempts, history_) == ("retrying", 2, ["UNCONFIRMED", "UNREACHABLE"])
+    assert "whether attempt 1 reached the cluster" in message
+
+    cluster.unreachable = False  # attempt 3 is due at 12:02:30: attempt 1 is found and followed
+    sched.run(until=utc(12, 2, 40))
+    assert cluster.submit_calls == [first] and cluster.accepted == [first]
+    assert attempts_of(sched.db, first)[:3] == ("succeeded", 2, ["SUCCEEDED", "UNREACHABLE"])
 
 
 # --- the spec template ----------------------------------------------------------------------
