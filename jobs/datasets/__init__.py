@@ -1,23 +1,27 @@
-"""Image sources for jobs: the procedural set, an ImageFolder tree and Parquet, local or on S3.
+"""Image sources for jobs: the procedural set, an ImageFolder tree, Parquet (also Hugging Face's
+layout) and WebDataset tar shards, local or on S3.
 
 Reading decodes, resizes the short side and center-crops to a square RGB uint8 image; an image that
 cannot be read is skipped, logged and reported in the batch. :func:`open_dataset` gives the source a
-spec's ``dataset`` describes.
+spec's ``dataset`` describes; :class:`Prefetcher` reads a scan's batches ahead and decodes them in
+a pool of threads; :func:`jobs.datasets.pack.pack` rewrites any source as WebDataset or Parquet.
 """
 
 from __future__ import annotations
 
-from jobs.datasets.base import Batch, ImageSource, shard_ranges
+from jobs.datasets.base import Batch, Encoded, ImageSource, pack_units, shard_ranges
 from jobs.datasets.decode import decode_image
 from jobs.datasets.imagefolder import ImageFolderSource
 from jobs.datasets.parquet import ParquetSource
+from jobs.datasets.prefetch import Prefetcher, prefetch
 from jobs.datasets.procedural import ProceduralSource
+from jobs.datasets.webdataset import WebDatasetSource
 from jobs.specs.base import DatasetSpec
 from zfcore.network import Preprocess
 
 __all__ = [
-    "Batch", "ImageFolderSource", "ImageSource", "ParquetSource", "ProceduralSource", "decode_image",
-    "open_dataset", "shard_ranges",
+    "Batch", "Encoded", "ImageFolderSource", "ImageSource", "ParquetSource", "Prefetcher", "ProceduralSource",
+    "WebDatasetSource", "decode_image", "open_dataset", "pack_units", "prefetch", "shard_ranges",
 ]
 
 
@@ -38,6 +42,16 @@ def open_dataset(
     resize = resize if resize and resize != size else None
     if spec.format == "imagefolder":
         return ImageFolderSource(spec.uri, size, endpoint_url, spec.limit, resize=resize)
+    if spec.format == "webdataset":
+        return WebDatasetSource(
+            spec.uri,
+            size,
+            label_field=spec.label_column,
+            id_field=spec.id_column,
+            endpoint_url=endpoint_url,
+            limit=spec.limit,
+            resize=resize,
+        )
     return ParquetSource(
         spec.uri,
         size,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 
-from jobs.datasets.base import Batch, StoreSource, content_hash
-from jobs.datasets.decode import IMAGE_EXTENSIONS, decode_or_reason
+from jobs.datasets.base import Batch, Encoded, StoreSource, content_hash, decode_items
+from jobs.datasets.decode import IMAGE_EXTENSIONS
 from jobs.store import MissingKeyError, StoreError
 
 log = logging.getLogger(__name__)
@@ -57,37 +57,43 @@ class ImageFolderSource(StoreSource):
     def class_names(self) -> list[str]:
         return list(self._classes)
 
-    def _load(self, index: int) -> tuple[int, np.ndarray | None, str]:
-        key = self.keys[index]
+    def _fetch_one(self, index: int) -> Encoded:
+        key, label = self.keys[index], int(self.labels[index])
         try:
-            data = self.store.get_bytes(key)
+            return Encoded(index, label, self.store.get_bytes(key))
         except MissingKeyError:
-            return index, None, "file disappeared after listing"
+            return Encoded(index, label, reason="file disappeared after listing")
         except StoreError:
             # Bucket, credentials or endpoint: not this image's fault, and every other read would
             # fail the same way, so the job must stop rather than skip the whole dataset.
             raise
         except OSError as exc:
-            return index, None, f"{type(exc).__name__}: {exc}"
-        image, reason = decode_or_reason(data, self.image_size, self.resize)
-        return index, image, reason
+            return Encoded(index, label, reason=f"{type(exc).__name__}: {exc}")
 
-    def read(self, indices: Sequence[int]) -> Batch:
+    def _io_pool(self, count: int) -> ThreadPoolExecutor | None:
+        # One GET per image on S3: overlap the round trips (boto3 clients are thread-safe).
+        return ThreadPoolExecutor(max_workers=min(16, count)) if self.remote and count > 1 else None
+
+    def fetch(self, indices: list[int]) -> list[Encoded]:
+        io_pool = self._io_pool(len(indices))
+        if io_pool is None:
+            return [self._fetch_one(i) for i in indices]
+        with io_pool:
+            return list(io_pool.map(self._fetch_one, indices))
+
+    def read(self, indices: Sequence[int], pool: Executor | None = None) -> Batch:
         wanted = self._check(indices)
-        if self.remote and len(wanted) > 1:
-            # One GET per image: overlap the round trips (boto3 clients are thread-safe).
-            with ThreadPoolExecutor(max_workers=min(16, len(wanted))) as pool:
-                loaded = list(pool.map(self._load, wanted))
-        else:
-            loaded = [self._load(i) for i in wanted]
-        rows, skipped = [], []
-        for i, image, reason in loaded:
-            if image is None:
-                log.warning("skipping unreadable image %s: %s", self.keys[i], reason)
-                skipped.append((self.keys[i], reason))
-            else:
-                rows.append((i, image, int(self.labels[i])))
-        return self._batch(rows, skipped)
+        io_pool = self._io_pool(len(wanted)) if pool is None else None
+        if io_pool is None:
+            items = self.fetch(wanted)
+            return self.assemble(items, decode_items(self, items, pool))
+        # Without a decode pool, an S3 read decodes each image in the thread that fetched it.
+        with io_pool:
+            loaded = list(io_pool.map(lambda i: self._decoded(self._fetch_one(i)), wanted))
+        return self.assemble([item for item, _ in loaded], [out for _, out in loaded])
+
+    def _decoded(self, item: Encoded) -> tuple[Encoded, tuple[np.ndarray | None, str]]:
+        return item, self.decode(item)
 
     def fingerprint(self) -> str:
         entries = (f"{k}\t{s}" for k, s in zip(self.keys, self.sizes, strict=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 
 from jobs.datasets.base import Batch, ImageSource, content_hash
 from zfcore.data import CLASS_NAMES, ProceduralDataset
@@ -29,12 +30,11 @@ class ProceduralSource(ImageSource):
         """The object's (top, left, height, width) in image ``index``."""
         return self.data[index].box
 
-    def read(self, indices: Sequence[int]) -> Batch:
-        rows = []
-        for i in self._check(indices):
-            sample = self.data[i]
-            rows.append((i, sample.image, sample.label))
-        return self._batch(rows, [])
+    def read(self, indices: Sequence[int], pool: Executor | None = None) -> Batch:
+        # Each image depends only on (seed, index): drawing them in threads changes nothing.
+        wanted = self._check(indices)
+        samples = list(pool.map(self.data.__getitem__, wanted)) if pool else [self.data[i] for i in wanted]
+        return self._batch([(i, s.image, s.label) for i, s in zip(wanted, samples, strict=True)], [])
 
     def fingerprint(self) -> str:
         d = self.data

@@ -1,9 +1,11 @@
-"""Dataset readers: procedural, ImageFolder and Parquet, local and through the moto S3 server."""
+"""Dataset readers: procedural, ImageFolder and Parquet (also as Hugging Face writes it), local and
+through the moto S3 server; decoding (16-bit and float images); shards of work."""
 
 from __future__ import annotations
 
 import io
 import pickle
+import sys
 from pathlib import Path
 
 import boto3
@@ -13,7 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.datasets import ImageFolderSource, ParquetSource, decode_image, open_dataset, shard_ranges
+from jobs.datasets import (
+    ImageFolderSource,
+    ParquetSource,
+    decode_image,
+    open_dataset,
+    pack_units,
+    shard_ranges,
+)
+from jobs.datasets.decode import decode_or_reason
 from jobs.specs.base import DatasetSpec
 from zfcore.data import ProceduralDataset
 
@@ -170,8 +180,113 @@ def test_shard_ranges_are_deterministic_and_cover_everything() -> None:
     assert shards == [range(0, 512), range(512, 1024), range(1024, 1030)]
     assert shard_ranges(1030, 512) == shards and shard_ranges(0, 8) == []
     assert [i for s in shard_ranges(97, 10) for i in s] == list(range(97))
+    assert list(shards) == [shards[0], shards[1], shards[-1]] and shards[1:] == [shards[1], shards[2]]
     with pytest.raises(ValueError):
         shard_ranges(10, 0)
+    with pytest.raises(IndexError):
+        shards[3]
+
+
+def test_shard_ranges_of_a_huge_dataset_are_never_materialized() -> None:
+    # 10^12 images in shards of 100: 10^10 ranges, which as a list would need hundreds of GB.
+    shards = shard_ranges(10**12, 100)
+    assert len(shards) == 10**10
+    assert shards[0] == range(0, 100) and shards[-1] == range(10**12 - 100, 10**12)
+    assert next(iter(shards)) == range(0, 100)
+    assert min(4, len(shards)) == 4  # what the atlas driver asks of it
+    assert sys.getsizeof(shards) < 1000
+
+
+def test_pack_units_follow_file_boundaries() -> None:
+    files = [range(0, 300), range(300, 350), range(350, 400), range(400, 1450), range(1450, 1460)]
+    shards = pack_units(files, 500)
+    assert shards == [range(0, 400), range(400, 750), range(750, 1100), range(1100, 1450), range(1450, 1460)]
+    # Every image once, in order; no shard holds part of two files, small files are joined whole.
+    assert [i for s in shards for i in s] == list(range(1460))
+    assert pack_units(files, 10_000) == [range(0, 1460)]
+    assert pack_units([range(0, 7)], 3) == [range(0, 2), range(2, 4), range(4, 7)]
+    assert pack_units([], 5) == []
+
+
+def _grey16(values: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values.astype(np.uint16)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_greyscale_is_scaled_by_its_bit_depth(fmt: str) -> None:
+    ramp = np.tile(np.linspace(0, 65535, 64), (64, 1))  # 16-bit full range, left to right
+    assert Image.open(io.BytesIO(_grey16(ramp, fmt))).mode.startswith("I;16")
+    out = decode_image(_grey16(ramp, fmt), 64)
+    assert out[:, 0].max() <= 2 and out[:, -1].min() >= 253  # black to white, not all white
+    assert 120 <= out[:, 31:33].mean() <= 135 and np.all(out[..., 0] == out[..., 2])
+    # 12 bits stored in 16 (a scanner's): its own full scale is 4095, so the ramp still spans it.
+    twelve = decode_image(_grey16(ramp / 16, fmt), 64)
+    assert twelve[:, -1].min() >= 253 and 120 <= twelve[:, 31:33].mean() <= 135
+    # Dark 16-bit content keeps its bit depth's scale: 0..1000 fits in 10 bits, so it maps to 0..249.
+    assert decode_image(_grey16(np.full((8, 8), 1000), fmt), 8).max() == round(1000 * 255 / 1023)
+
+
+def test_float_tiff_is_decoded_by_value_range_and_nan_is_skipped() -> None:
+    def tiff(values: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(values.astype(np.float32)).save(buf, format="TIFF")
+        return buf.getvalue()
+
+    unit = np.tile(np.linspace(0, 1, 32), (32, 1))
+    assert Image.open(io.BytesIO(tiff(unit))).mode == "F"
+    out = decode_image(tiff(unit), 32)
+    assert out[:, 0].max() == 0 and out[:, -1].min() == 255
+    wide = decode_image(tiff(unit * 5000 - 1000), 32)  # [-1000, 4000] -> [0, 255]
+    assert wide[:, 0].max() == 0 and wide[:, -1].min() == 255
+    bad = unit.copy()
+    bad[3, 3] = np.nan
+    image, reason = decode_or_reason(tiff(bad), 32)
+    assert image is None and reason == "ValueError: float image with NaN or infinite values"
+
+
+def test_hugging_face_parquet_as_datasets_writes_it(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "f.png").write_bytes(_png_grey())
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])}
+    )
+    rows = {
+        "image": [{"bytes": _jpeg((200, 0, 0)), "path": "a.jpg"}, {"bytes": b"garbage", "path": "b.jpg"},
+                  str(tmp_path / "f.png"), {"bytes": _jpeg((0, 0, 200)), "path": None}],
+        "label": [0, 1, 1, -1],
+    }
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    schema = pq.read_schema(tmp_path / "train.parquet")
+    assert str(schema.field("image").type) == "struct<bytes: binary, path: string>"
+    assert b"huggingface" in schema.metadata
+    source = open_dataset(DatasetSpec(format="parquet", uri=str(tmp_path / "train.parquet")), 16)
+    assert source.class_names == ["cat", "dog"]  # the ClassLabel's names, from the metadata
+    assert source.ids() == [f"train.parquet:{i}" for i in range(4)]
+    batch = source.read(range(4))
+    assert batch.indices.tolist() == [0] and batch.labels.tolist() == [0]
+    reasons = dict(batch.skipped)
+    assert reasons["train.parquet:1"].startswith("UnidentifiedImageError")
+    assert reasons["train.parquet:2"].startswith("image not embedded in column 'image' (only its path")
+    assert reasons["train.parquet:3"] == "missing label in column 'label'"
+    assert batch.images[0, 8, 8, 0] > 150
+
+
+def test_parquet_natural_shards_follow_row_groups(tmp_path: Path) -> None:
+    pq.write_table(_parquet_table(10), tmp_path / "part-0.parquet", row_group_size=4)
+    pq.write_table(_parquet_table(6), tmp_path / "part-1.parquet", row_group_size=3)
+    spec = DatasetSpec(format="parquet", uri=str(tmp_path), image_column="img", label_column="y")
+    source = open_dataset(spec, 16)
+    # Row groups: 0-4, 4-8, 8-10 | 10-13, 13-16; whole groups are joined, even across files.
+    assert source.natural_shards(8) == [range(0, 8), range(8, 16)]
+    assert source.natural_shards(3) == [
+        range(0, 2), range(2, 4), range(4, 6), range(6, 8), range(8, 10), range(10, 13), range(13, 16)
+    ]
+    limited = open_dataset(spec.model_copy(update={"limit": 5}), 16)
+    assert limited.natural_shards(100) == [range(0, 5)]
+    assert open_dataset(DatasetSpec(num_images=10), 16).natural_shards(4) == shard_ranges(10, 4)
 
 
 @pytest.mark.s3
