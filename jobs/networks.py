@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from jobs.specs.base import ModelSpec
-from jobs.store import read_uri_bytes
+from jobs.store import MissingKeyError, read_uri_bytes
 from jobs.store.provenance import fingerprint_bytes
 from zfcore import architectures
 from zfcore.deconv import inspect, method_for
@@ -119,11 +119,19 @@ def fit_state_dict(arch: architectures.Architecture, state: dict[str, torch.Tens
     return n
 
 
+def checkpoint_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    """The checkpoint file's bytes; :class:`CheckpointError` naming it if there is none."""
+    try:
+        return read_uri_bytes(uri, endpoint_url)
+    except MissingKeyError:
+        raise CheckpointError(f"checkpoint {uri} does not exist") from None
+
+
 def check_checkpoint(spec: ModelSpec, endpoint_url: str | None = None) -> Checkpoint:
     """Read ``spec.checkpoint`` and check it fits the architecture (before any worker starts)."""
     if spec.checkpoint is None:
         raise ValueError("the model has no checkpoint")
-    blob = read_uri_bytes(spec.checkpoint, endpoint_url)
+    blob = checkpoint_bytes(spec.checkpoint, endpoint_url)
     state = read_state_dict(blob, spec.checkpoint)
     n = fit_state_dict(spec.config, state, spec.checkpoint, spec.num_classes)
     return Checkpoint(state, n, fingerprint_bytes(blob))

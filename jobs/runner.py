@@ -7,6 +7,7 @@ leaves its run uncommitted.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import Any
 from jobs.kinds import job_kind
 from jobs.specs.base import SpecBase, SpecError
 from jobs.specs.loading import spec_run_id
-from jobs.store import begin_run, open_store, run_prefix
+from jobs.store import RunWriter, StoreError, begin_run, open_store, run_prefix
 from jobs.uris import parse_uri
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,13 @@ def run_location(spec: SpecBase, output: str | None = None) -> str:
     return store.uri_of(run_prefix(spec.kind, spec_run_id(spec)))
 
 
-def run_spec(spec: SpecBase, *, output: str | None = None, quiet: bool = False) -> dict[str, Any]:
+def run_spec(
+    spec: SpecBase, *, output: str | None = None, quiet: bool = False, wait_s: float = 0.0
+) -> dict[str, Any]:
     """Run ``spec`` (``output`` overrides ``spec.output``) and return its committed manifest; a run
-    already committed is not run again and its manifest is returned as it is."""
+    already committed is not run again and its manifest is returned as it is. A run another
+    writer holds (:mod:`jobs.store.lease`) is waited for up to ``wait_s``, then
+    :class:`jobs.store.lease.RunBusyError` names the holder."""
     kind = job_kind(spec.kind)  # before touching the store: an unknown kind writes nothing
     if output:
         try:
@@ -64,12 +69,27 @@ def run_spec(spec: SpecBase, *, output: str | None = None, quiet: bool = False) 
     store = open_store(spec.output, spec.endpoint_url)
     store.check()
     run_id = spec_run_id(spec)
-    run = begin_run(store, kind.name, run_id, keep_leftovers=kind.resumable)
+    holder = {"ray_job_id": ray_submission_id(), "run": f"{kind.name}/{run_id}"}
+    run = begin_run(store, kind.name, run_id, keep_leftovers=kind.resumable, wait_s=wait_s, holder=holder)
     if run.already_committed:
         log.info("%s/%s is already committed at %s; nothing to do", kind.name, run_id, run.uri)
         return run.manifest or {}
 
     log.info("running %s/%s into %s", kind.name, run_id, run.uri)
+    try:
+        return _execute(kind, spec, run, run_id, quiet)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = exc.filename or run.uri
+        left = {True: "the files of this attempt were removed",
+                False: f"remove what this attempt left at {run.uri}",
+                None: f"what it wrote is kept at {run.uri} for the next attempt to resume from"}
+        what = left[run.removed_after_failure]
+        raise StoreError(f"no space left on the device writing {where}; {what}") from exc
+
+
+def _execute(kind: Any, spec: SpecBase, run: RunWriter, run_id: str, quiet: bool) -> dict[str, Any]:
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     with run:

@@ -43,7 +43,7 @@ from jobs.atlas.tables import (
     projections_key,
     summary_key,
 )
-from jobs.datasets import open_dataset, shard_ranges
+from jobs.datasets import open_dataset
 from jobs.networks import preflight
 from jobs.rendering.images import grid
 from jobs.runtime.actors import peak_rss_mb, run_on_actors, started_workers, worker_info
@@ -75,7 +75,7 @@ def build_atlas(spec: AtlasSpec, run: RunWriter, *, quiet: bool = False) -> dict
     t0 = time.perf_counter()
     connect()
     source = open_dataset(spec.dataset, spec.preprocess, spec.endpoint_url)
-    shards = shard_ranges(len(source), spec.shard_size)
+    shards = source.natural_shards(spec.shard_size)  # whole tar files / row groups where it can
     res = spec.resources
     count, options = worker_options(res.workers, res.gpus_per_worker, res.cpus_per_worker)
     count = min(count, len(shards))
@@ -87,6 +87,7 @@ def build_atlas(spec: AtlasSpec, run: RunWriter, *, quiet: bool = False) -> dict
             log.info("atlas %s: %d images in %d shards on %d workers", run.run_id, len(source),
                      len(shards), len(actors))
             t_scan = time.perf_counter()
+            startup_s = t_scan - t0  # connecting, the dataset's index, the preflight, the workers
             scan, alive = _scan(spec, actors, shards, len(source), quiet)
             scan_s = time.perf_counter() - t_scan
             t_proj = time.perf_counter()
@@ -101,10 +102,12 @@ def build_atlas(spec: AtlasSpec, run: RunWriter, *, quiet: bool = False) -> dict
         "name": spec.name,
         "model_fingerprint": workers[0]["model_fingerprint"],
         "dataset_fingerprint": source.fingerprint(),
+        "class_names": source.class_names,  # label -> name, for readers of the label column
         "images_total": len(source),
         "images_scanned": scan.images,
         "images_skipped": len(scan.skipped),
-        "skipped": [{"image_id": i, "reason": r} for i, r in scan.skipped[:1000]],
+        # Sorted: shards complete in any order, the manifest must not depend on it.
+        "skipped": [{"image_id": i, "reason": r} for i, r in sorted(set(scan.skipped))[:1000]],
         "layers": spec.layers,
         "preprocess": dataclasses.asdict(spec.preprocess),
         "k": spec.k,
@@ -122,7 +125,8 @@ def build_atlas(spec: AtlasSpec, run: RunWriter, *, quiet: bool = False) -> dict
         ],
         "workers_lost": lost_workers,
         "peak_rss_mb": {"driver": peak_rss_mb(), "scanner_max": max(scan.peak_rss.values(), default=None)},
-        "timings": {"scan_s": scan_s, "project_s": project_s, "write_s": write_s, "total_s": total_s},
+        "timings": {"startup_s": startup_s, "scan_s": scan_s, "project_s": project_s, "write_s": write_s,
+                    "total_s": total_s},
         "throughput_images_per_s": scan.images / scan_s if scan_s > 0 else None,
         "format": FORMAT,
         "tables": {"features": FEATURES, **{

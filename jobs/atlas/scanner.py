@@ -19,7 +19,7 @@ import torch
 
 from jobs.atlas.spec import AtlasSpec
 from jobs.atlas.tables import IMAGES_SCHEMA, PROJECTIONS_SCHEMA
-from jobs.datasets import open_dataset
+from jobs.datasets import Prefetcher, open_dataset
 from jobs.networks import load_model
 from jobs.rendering.images import display, thumbnail
 from jobs.runtime.device import memory_format, pick_device, to_device, torch_threads
@@ -83,13 +83,15 @@ class AtlasScanner:
         self.network = as_network(self.model)
         self.image_size = spec.image_size
         self.source = open_dataset(spec.dataset, spec.preprocess, spec.endpoint_url)
+        # Batch i+1 is read and decoded (in threads) while the model computes on batch i.
+        self.prefetcher = Prefetcher(self.source, torch_threads(num_cpus))
         self.shapes = layer_shapes(self.network, spec.layers, self.image_size)
         self.autocast = torch.bfloat16 if spec.precision == "bf16" else None
 
     def _batches(self, indices: list[int], stats: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bs = self.spec.resources.batch_size
-        for i in range(0, len(indices), bs):
-            batch = self.source.read(indices[i : i + bs])
+        chunks = [indices[i : i + bs] for i in range(0, len(indices), bs)]
+        for batch in self.prefetcher.batches(chunks):
             stats["skipped"].extend(batch.skipped)
             stats["images"] += len(batch.indices)
             if len(batch.indices):
@@ -133,7 +135,7 @@ class AtlasScanner:
         layer, items = group["layer"], group["items"]
         spatial = self.network.layers(self.image_size)[layer].spatial
         wanted = sorted({it[2] for it in items})
-        batch = self.source.read(wanted)
+        batch = self.prefetcher.read(wanted)
         found = {int(i): n for n, i in enumerate(batch.indices)}
         usable = [it for it in items if it[2] in found]
         live = [it for it in usable if not it[6]]

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from jobs.specs.base import LayerName, SpecBase, fill_default_layers, unique
+from jobs.specs.base import Int, LayerName, SpecBase, fill_default_layers, unique
 
 
 class AtlasSpec(SpecBase):
@@ -18,13 +18,13 @@ class AtlasSpec(SpecBase):
         min_length=1,
         description="Layers to scan; default: every conv layer of the model.",
     )
-    k: int = Field(9, ge=1, le=100, description="Top activations kept per channel (paper: 9).")
+    k: Int = Field(9, ge=1, le=100, description="Top activations kept per channel (paper: 9).")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="Scan precision; selected images are re-scored and projected in fp32."
     )
-    shard_size: int = Field(512, ge=1, description="Images per shard (unit of work and of retry).")
+    shard_size: Int = Field(512, ge=1, description="Images per shard (unit of work and of retry).")
     project: bool = Field(True, description="Deconvnet projections of every top activation.")
-    max_retries: int = Field(3, ge=0, description="Retries of a failed shard.")
+    max_retries: Int = Field(3, ge=0, description="Retries of a failed shard.")
 
     @field_validator("layers")
     @classmethod

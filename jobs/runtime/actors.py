@@ -18,6 +18,8 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from jobs.runtime.cluster import check_fits
+
 log = logging.getLogger(__name__)
 
 # Errors that mean "this actor (or its node) is gone", after which its work goes to another actor.
@@ -52,6 +54,7 @@ def started_workers(
     it ends. Yields (the actors that started, their infos). Actors that die while starting are
     dropped; if none starts, RuntimeError carries the first actor's own error. ``name``: actors
     are named ``<name>-<i>`` so operators (and the fault tests) can find a run's workers."""
+    check_fits(options.get("num_cpus", 1), options.get("num_gpus", 0))
     actors = [
         actor_class.options(**({"name": f"{name}-{i}"} if name else {}), **options).remote(*args)
         for i in range(count)
@@ -99,14 +102,21 @@ def run_on_actors(
     at most ``max_retries`` times per item. Any other error fails the whole run. Returns the
     actors still alive.
     """
-    queue: deque[tuple[int, Any]] = deque(enumerate(items))
+    fresh = iter(enumerate(items))  # pulled as actors free up: 10^8 shards are never all in memory
+    queue: deque[tuple[int, Any]] = deque()  # items to retry, first
     retries: dict[int, int] = {}
     idle = list(actors)
     running: dict[ray.ObjectRef, tuple[Any, int, Any]] = {}
-    while queue or running:
-        while queue and idle:
-            actor, (n, item) = idle.pop(0), queue.popleft()
-            running[call(actor, item)] = (actor, n, item)
+
+    def next_item() -> tuple[int, Any] | None:
+        return queue.popleft() if queue else next(fresh, None)
+
+    todo = next_item()  # the next item to hand out
+    while todo is not None or running:
+        while idle and todo is not None:
+            actor = idle.pop(0)
+            running[call(actor, todo[1])] = (actor, *todo)
+            todo = next_item()
         if not running:
             raise RuntimeError("every worker actor died; nothing left to run the job on")
         [done], _ = ray.wait(list(running), num_returns=1)
@@ -118,7 +128,9 @@ def run_on_actors(
             if retries[n] > max_retries:
                 raise RuntimeError(f"gave up on {item!r} after {max_retries} retries") from err
             log.warning("worker actor lost (%s); retrying %r elsewhere", type(err).__name__, item)
-            queue.appendleft((n, item))
+            queue.append((n, item))
+            if todo is None:
+                todo = next_item()
             continue
         idle.append(actor)
         on_result(item, result)

@@ -32,6 +32,31 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
+#: Set on autoscaling clusters, whose nodes appear only once work asks for them.
+AUTOSCALING_ENV = "ZFATLAS_AUTOSCALING"
+
+
+class ResourcesError(RuntimeError):
+    """A worker asks for more than any node of the cluster has: it would wait forever."""
+
+
+def check_fits(num_cpus: float, num_gpus: float = 0.0) -> None:
+    """Fail at once, naming what was asked and what the nodes have, when no alive node can hold
+    one worker (Ray would keep such an actor pending without a word). Skipped with
+    ``ZFATLAS_AUTOSCALING=1``, where missing nodes are started on demand."""
+    if os.environ.get(AUTOSCALING_ENV, "").lower() in ("1", "true", "yes"):
+        return
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) + 1e-9 >= num_cpus and r.get("GPU", 0) + 1e-9 >= num_gpus for r in nodes):
+        return
+    have = "; ".join(sorted(f"{r.get('CPU', 0):g} CPUs, {r.get('GPU', 0):g} GPUs" for r in nodes)) or "none"
+    raise ResourcesError(
+        f"each worker asks for {num_cpus:g} CPUs and {num_gpus:g} GPUs (resources.cpus_per_worker, "
+        f"resources.gpus_per_worker) but no node of the cluster has that much (nodes: {have}); "
+        f"ask for less, or set {AUTOSCALING_ENV}=1 on an autoscaling cluster"
+    )
+
+
 def worker_options(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> tuple[int, dict]:
     """How many actors to start and the resources each declares.
 

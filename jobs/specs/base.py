@@ -20,6 +20,7 @@ from pydantic import (
     AfterValidator,
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
@@ -28,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from jobs.store.base import RESERVED_SUFFIXES
 from jobs.uris import parse_uri
 from zfcore import architectures
 from zfcore.network import Preprocess
@@ -101,26 +103,41 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+
+def _not_a_boolean(value: Any) -> Any:
+    # YAML's `k: true` would otherwise be taken as 1 (pydantic's lax int accepts booleans).
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, not {str(value).lower()}")
+    return value
+
+
+#: Numbers in specs: what pydantic's int and float take, except booleans.
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+#: Seeds go to torch.manual_seed, numpy and random: non-negative 64-bit values all three take.
+MAX_SEED = 2**63 - 1
+
+
 # --- shared parts ---------------------------------------------------------------------------
 
 
 class PreprocessSpec(Strict):
     """How images are prepared for the network; every field defaults to the architecture's."""
 
-    image_size: int | None = Field(
+    image_size: Int | None = Field(
         None, ge=16, le=4096, description="Side of the square center crop fed to the network."
     )
-    resize: int | None = Field(
+    resize: Int | None = Field(
         None,
         ge=16,
         le=8192,
         description="Short side images are resized to before the crop (ImageNet models: 256 for a "
         "224 crop); default: the architecture's, else image_size.",
     )
-    mean: list[float] | None = Field(
+    mean: list[Float] | None = Field(
         None, min_length=1, max_length=4, description="Per-channel mean subtracted from [0, 1] pixels."
     )
-    std: list[float] | None = Field(
+    std: list[Float] | None = Field(
         None, min_length=1, max_length=4, description="Per-channel std the pixels are divided by."
     )
 
@@ -152,7 +169,7 @@ class ModelSpec(Strict):
         "(your own: a callable taking num_classes and returning an nn.Module, importable where the "
         "job runs).",
     )
-    num_classes: int | None = Field(
+    num_classes: Int | None = Field(
         None,
         ge=1,
         description="Classifier width; default: the checkpoint's, else the dataset's class count "
@@ -224,27 +241,38 @@ class ModelSpec(Strict):
 class DatasetSpec(Strict):
     """Where images come from. Images are resized (short side) and center-cropped to image_size."""
 
-    format: Literal["procedural", "imagefolder", "parquet"] = Field(
+    format: Literal["procedural", "imagefolder", "parquet", "webdataset"] = Field(
         "procedural",
         description="procedural: generated shapes (zfcore.data); imagefolder: class/xxx.jpg tree; "
-        "parquet: file or folder with an image-bytes column and a label column.",
+        "parquet: file or folder with an image-bytes column and a label column (also the layout "
+        "Hugging Face datasets writes); webdataset: .tar shards of image + .cls/.json label members "
+        "(one .tar, a folder, or a folder/name-prefix).",
     )
     uri: Location | None = Field(
         None,
         validate_default=True,
         description="Dataset location (path, file:// or s3://); required unless procedural.",
     )
-    num_images: int = Field(2000, ge=1, description="Number of generated images (procedural only).")
-    image_size: int | None = Field(
+    num_images: Int = Field(
+        2000, ge=1, le=10**9, description="Number of generated images (procedural only; at most 10^9)."
+    )
+    image_size: Int | None = Field(
         None, ge=16, le=4096, description="Side of the square input; default: the model's image_size."
     )
     image_column: str = Field("image", description="Parquet column holding encoded image bytes.")
-    label_column: str = Field("label", description="Parquet column holding the class (int or string).")
-    id_column: str | None = Field(
-        None, description="Parquet column with a unique image id; default: 'file:row'."
+    label_column: str = Field(
+        "label",
+        description="Parquet column holding the class (int or string); for webdataset, the .json "
+        "field holding it when a sample has no .cls member.",
     )
-    limit: int | None = Field(None, ge=1, description="Use only the first N images of the stable order.")
-    seed: int = Field(0, description="Generator seed (procedural only).")
+    id_column: str | None = Field(
+        None,
+        description="Parquet column with a unique image id (default: the one a packed file names, "
+        "else 'file:row'); for webdataset, the .json field holding it (default: 'id' when present, "
+        "else the sample key).",
+    )
+    limit: Int | None = Field(None, ge=1, description="Use only the first N images of the stable order.")
+    seed: Int = Field(0, ge=0, le=MAX_SEED, description="Generator seed (procedural only).")
 
     @field_validator("uri")
     @classmethod
@@ -252,7 +280,7 @@ class DatasetSpec(Strict):
         fmt = info.data.get("format")
         if fmt == "procedural" and value is not None:
             raise ValueError("procedural datasets are generated and take no uri")
-        if fmt in ("imagefolder", "parquet") and value is None:
+        if fmt in ("imagefolder", "parquet", "webdataset") and value is None:
             raise ValueError(f"required for format {fmt!r}")
         return value
 
@@ -272,19 +300,19 @@ class DatasetSpec(Strict):
 class ResourcesSpec(Strict):
     """How much of the cluster a job uses."""
 
-    workers: int = Field(2, ge=1, le=1024, description="Number of Ray workers (actors).")
-    gpus_per_worker: float = Field(
+    workers: Int = Field(2, ge=1, le=1024, description="Number of Ray workers (actors).")
+    gpus_per_worker: Float = Field(
         1.0, ge=0, le=64, description="GPUs per worker; used only when the cluster has GPUs."
     )
-    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs reserved per worker.")
-    batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass per worker.")
+    cpus_per_worker: Float = Field(1.0, gt=0, le=256, description="CPUs reserved per worker.")
+    batch_size: Int = Field(64, ge=1, le=4096, description="Images per forward pass per worker.")
 
 
 class SpecBase(Strict):
     """Fields every job kind shares."""
 
     name: str = Field(..., min_length=1, max_length=64, description="Job name (slug: a-z, 0-9, '-', '_').")
-    seed: int = Field(0, description="Seed for everything random in the job.")
+    seed: Int = Field(0, ge=0, le=MAX_SEED, description="Seed for everything random in the job.")
     model: ModelSpec = Field(default_factory=ModelSpec)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     output: Location = Field(
@@ -314,6 +342,9 @@ class SpecBase(Strict):
     def _run_id(cls, value: str | None) -> str | None:
         if value is not None and not _RUN_ID.match(value):
             raise ValueError(f"{value!r} is not a valid run id: use letters, digits, '.', '-', '_'")
+        if value is not None and value.endswith(RESERVED_SUFFIXES):
+            raise ValueError(f"{value!r} ends in a suffix the artifact store reserves "
+                             f"({', '.join(RESERVED_SUFFIXES)})")
         return value
 
     @field_validator("endpoint_url")

@@ -21,6 +21,10 @@ import pyarrow.fs as pafs
 # Local writes go to a temp file beside the target and are renamed into place, so a reader never
 # sees half a file; the suffix keeps a crashed writer's temp files out of listings.
 TMP_SUFFIX = ".zfatlas-tmp"
+# A run's lease sits beside its folder: ``<kind>/<run_id>.lease`` (jobs.store.lease).
+LEASE_SUFFIX = ".lease"
+#: Names that end so are the store's own: no run id may (a run "x.lease" would be run x's lease).
+RESERVED_SUFFIXES = (TMP_SUFFIX, LEASE_SUFFIX)
 
 
 class StoreError(Exception):
@@ -71,6 +75,9 @@ def segment(value: str, what: str) -> str:
     check_key(value)
     if "/" in value:
         raise ValueError(f"{what} {value!r} must not contain '/'")
+    if value.endswith(RESERVED_SUFFIXES):
+        reserved = ", ".join(RESERVED_SUFFIXES)
+        raise ValueError(f"{what} {value!r} ends in a suffix the store reserves ({reserved})")
     return value
 
 
@@ -105,11 +112,15 @@ class Store(ABC):
     # --- backend primitives ---
 
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_bytes(self, key: str, data: bytes, *, atomic: bool = True) -> None:
+        """Write ``data`` at ``key``. ``atomic=False``: a reader may see the object half-written
+        (the local backend then skips the temp file and rename): for files nobody reads until a
+        commit, such as those of an uncommitted run."""
 
     @abstractmethod
-    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
-        """Upload a local file without reading it into memory (checkpoints)."""
+    def put_file(self, key: str, path: str | os.PathLike[str], *, atomic: bool = True) -> None:
+        """Upload a local file without reading it into memory (checkpoints); ``atomic`` as for
+        :meth:`put_bytes`."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -133,6 +144,26 @@ class Store(ABC):
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object whose key starts with ``prefix`` (must not be empty)."""
+
+    # --- conditional writes (run leases): each is one atomic step on the backend ---
+
+    @abstractmethod
+    def create_exclusive(self, key: str, data: bytes) -> str | None:
+        """Create ``key`` with ``data`` only if no object has that key; returns the new object's
+        version (an opaque token), or None if the key exists. Never half-visible."""
+
+    @abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and version; :class:`MissingKeyError` if there is none."""
+
+    @abstractmethod
+    def replace_if(self, key: str, data: bytes, version: str) -> str | None:
+        """Overwrite ``key`` only while its version is still ``version``; returns the new version,
+        or None if it changed or is gone."""
+
+    @abstractmethod
+    def delete_if(self, key: str, version: str) -> bool:
+        """Delete ``key`` only while its version is still ``version``; whether it was deleted."""
 
     @abstractmethod
     def uri_of(self, key: str) -> str:

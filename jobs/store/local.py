@@ -9,11 +9,16 @@ rule. Files are written with the permissions the umask gives (``0666 & ~umask``)
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import logging
 import os
 import secrets
 import shutil
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +65,18 @@ def _new_file(folder: Path, name: str) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise FileExistsError(f"cannot create a temporary file in {folder}")
+
+
+def _version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 16, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 class LocalStore(Store):
@@ -112,18 +129,33 @@ class LocalStore(Store):
         if not os.access(self.root, os.R_OK | os.X_OK):
             raise StoreAccessError(f"store folder {self.root} is not readable")
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self._atomic_write(self._path(key), lambda f: f.write(data))
+    def put_bytes(self, key: str, data: bytes, *, atomic: bool = True) -> None:
+        self._write(self._path(key), lambda f: f.write(data), atomic)
 
-    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+    def put_file(self, key: str, path: str | os.PathLike[str], *, atomic: bool = True) -> None:
         with open(path, "rb") as src:
-            self._atomic_write(self._path(key), lambda f: shutil.copyfileobj(src, f, 1 << 20))
+            self._write(self._path(key), lambda f: shutil.copyfileobj(src, f, 1 << 20), atomic)
 
-    def _atomic_write(self, target: Path, write: Any) -> None:
+    def _folder_for(self, target: Path) -> None:
         # Before creating any folder: one under a link out of the root would be created out there.
         if not self._inside(target.parent):
             raise StoreError(f"cannot write {target}: its folder is a link out of the store root {self.root}")
         target.parent.mkdir(parents=True, exist_ok=True)
+
+    def _write(self, target: Path, write: Any, atomic: bool) -> None:
+        self._folder_for(target)
+        if not atomic:
+            # Straight into place; a link at the target is replaced, never written through.
+            if target.is_symlink():
+                target.unlink()
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+            try:
+                with os.fdopen(os.open(target, flags, 0o666), "wb") as f:
+                    write(f)
+            except OSError:
+                target.unlink(missing_ok=True)  # no half file left behind (a full disk, say)
+                raise
+            return
         fd, tmp = _new_file(target.parent, target.name)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -132,6 +164,76 @@ class LocalStore(Store):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    # --- conditional writes: the version is the content's hash; changes happen under flock ---
+
+    def create_exclusive(self, key: str, data: bytes) -> str | None:
+        target = self._path(key)
+        self._folder_for(target)
+        fd, tmp = _new_file(target.parent, target.name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)  # atomic, and fails if anything (a link too) is there
+            except FileExistsError:
+                return None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return _version(data)
+
+    @contextmanager
+    def _locked(self, key: str, exclusive: bool) -> Iterator[int | None]:
+        """The file of ``key`` open and flock-ed (None if there is none). The lock is taken on the
+        file that is still linked at the path, not on one deleted while waiting for the lock."""
+        path = self._readable(key)
+        for _ in range(100):
+            try:
+                fd = os.open(path, (os.O_RDWR if exclusive else os.O_RDONLY) | getattr(os, "O_NOFOLLOW", 0))
+            except FileNotFoundError:
+                yield None
+                return
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a link where a lease should be: not ours to follow
+                    raise StoreError(f"{path} is a link; refusing to use it as a lease") from None
+                raise
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                try:
+                    linked = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    linked = False
+                if linked:
+                    yield fd
+                    return
+            finally:
+                os.close(fd)  # releases the lock
+        raise StoreError(f"{path} keeps changing under its lock")
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        with self._locked(key, exclusive=False) as fd:
+            if fd is None:
+                raise MissingKeyError(f"no such key {key!r} in {self.root}")
+            data = _read_all(fd)
+        return data, _version(data)
+
+    def replace_if(self, key: str, data: bytes, version: str) -> str | None:
+        with self._locked(key, exclusive=True) as fd:
+            if fd is None or _version(_read_all(fd)) != version:
+                return None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+        return _version(data)
+
+    def delete_if(self, key: str, version: str) -> bool:
+        with self._locked(key, exclusive=True) as fd:
+            if fd is None or _version(_read_all(fd)) != version:
+                return False
+            self._path(key).unlink()
+        return True
 
     def get_bytes(self, key: str) -> bytes:
         path = self._readable(key)

@@ -76,6 +76,8 @@ _ACCESS_CODES = {
     "403",
 }
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+# A conditional request whose condition failed, or that lost to a concurrent one.
+_PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
 class EndpointNotAllowedError(StoreAccessError):
@@ -270,18 +272,54 @@ class S3Store(Store):
 
     # --- primitives ---
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        full = self._key(key)
+    def put_bytes(self, key: str, data: bytes, *, atomic: bool = True) -> None:
+        full = self._key(key)  # an S3 PUT is atomic whatever ``atomic`` says
         with self._errors(full):
             if len(data) < self.multipart_threshold:
                 self._client.put_object(Bucket=self.bucket, Key=full, Body=data)
             else:
                 self._client.upload_fileobj(io.BytesIO(data), self.bucket, full, Config=self._transfer)
 
-    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+    def put_file(self, key: str, path: str | os.PathLike[str], *, atomic: bool = True) -> None:
         full = self._key(key)
         with self._errors(full):
             self._client.upload_file(os.fspath(path), self.bucket, full, Config=self._transfer)
+
+    # --- conditional writes: S3's If-None-Match / If-Match, the version is the ETag ---
+
+    def _conditional(self, call: Any, full: str, **kwargs: Any) -> dict[str, Any] | None:
+        """``call`` with a precondition; None when S3 says it does not hold (412), when a
+        concurrent conditional write won (409), or when the object is gone (404)."""
+        try:
+            with self._errors(full):
+                try:
+                    return call(Bucket=self.bucket, Key=full, **kwargs)
+                except ClientError as exc:
+                    if str(exc.response.get("Error", {}).get("Code", "")) in _PRECONDITION_CODES:
+                        return None
+                    raise
+        except MissingKeyError:
+            return None
+
+    def create_exclusive(self, key: str, data: bytes) -> str | None:
+        full = self._key(key)
+        done = self._conditional(self._client.put_object, full, Body=data, IfNoneMatch="*")
+        return done["ETag"] if done else None
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        full = self._key(key)
+        with self._errors(full):
+            got = self._client.get_object(Bucket=self.bucket, Key=full)
+            return got["Body"].read(), got["ETag"]
+
+    def replace_if(self, key: str, data: bytes, version: str) -> str | None:
+        full = self._key(key)
+        done = self._conditional(self._client.put_object, full, Body=data, IfMatch=version)
+        return done["ETag"] if done else None
+
+    def delete_if(self, key: str, version: str) -> bool:
+        full = self._key(key)
+        return self._conditional(self._client.delete_object, full, IfMatch=version) is not None
 
     def get_bytes(self, key: str) -> bytes:
         full = self._key(key)

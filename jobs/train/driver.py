@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from jobs.datasets import open_dataset
 from jobs.networks import preflight
-from jobs.runtime.cluster import cluster_gpus, connect
+from jobs.runtime.cluster import check_fits, cluster_gpus, connect
 from jobs.store import RunWriter, StoreError
 from jobs.train.checkpoints import latest_checkpoint, spec_digest
 from jobs.train.spec import TrainSpec
@@ -139,6 +139,7 @@ def train(spec: TrainSpec, run: RunWriter, *, quiet: bool = False) -> dict[str, 
         log.info("resuming %s from %s (epoch %d)", run.uri, resumed["key"], resumed["epoch"])
 
     workers, use_gpu, resources = worker_resources(spec)
+    check_fits(resources["CPU"], resources.get("GPU", 0))  # else Ray Train waits for it forever
     backend = backend_for(use_gpu, resources)
     invocation = uuid.uuid4().hex[:12]
     log.info("training %s: %d workers (%s, %s), %d epochs", run.run_id, workers,
@@ -173,7 +174,7 @@ def train(spec: TrainSpec, run: RunWriter, *, quiet: bool = False) -> dict[str, 
         "dataset_fingerprint": source.fingerprint(),
         "images_total": len(source),
         "images_skipped": len(summary["skipped"]),
-        "skipped": [{"image_id": i, "reason": r} for i, r in summary["skipped"][:1000]],
+        "skipped": [{"image_id": i, "reason": r} for i, r in sorted(set(summary["skipped"]))[:1000]],
         "num_classes": num_classes,
         "checkpoint": run.key(final["key"]),
         "checkpoint_uri": store.uri_of(run.key(final["key"])),

@@ -60,7 +60,8 @@ def test_resnet_trains_from_its_example_into_s3_and_atlases_from_the_checkpoint(
     assert all(r["box_height"] > 1 and r["box_top"] + r["box_height"] <= 64 for r in rows)
     raw = reader.projections("layer4", 7).to_pylist()
     assert len(raw) == 4 and max(abs(v) for v in raw[0]["values"]) > 0
-    assert store.exists(rows[0]["projection_grid_key"]) and store.exists(reader.layer("layer4").summary_key)
+    assert reader.png("layer4", 7, "projection_grid")[:4] == b"\x89PNG"
+    assert store.exists(reader.layer("layer4").summary_key)
 
 
 def test_a_diff_of_two_resnet_atlases(resnet_runs):

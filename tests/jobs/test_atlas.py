@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -22,6 +23,7 @@ from jobs.kinds import parse_spec
 from jobs.results.query import AtlasReader
 from jobs.runner import run_spec
 from jobs.store import committed_runs, open_store
+from tests.fixtures.counting_fs import CountingFileSystem
 from zfcore.data import ProceduralDataset, to_tensor
 from zfcore.receptive import receptive_box
 from zfcore.scan import scan_batches
@@ -148,6 +150,72 @@ def test_images_and_raw_projections_are_written(cluster_atlas):
     assert np.abs(arr).max() > 0
 
 
+def test_every_object_the_manifest_names_exists_and_every_image_has_its_row(cluster_atlas):
+    manifest, store, _ = cluster_atlas
+    keys = set(store.list_keys("atlas/e2e/"))
+    named = [f"atlas/e2e/{k}" for k in manifest["tables"].values()] + list(manifest["summaries"].values())
+    assert named and all(key in keys for key in named)
+    assert {f"atlas/e2e/{f['key']}" for f in manifest["files"]} == keys - {"atlas/e2e/manifest.json"}
+    rows = pq.read_table(io.BytesIO(store.get_bytes("atlas/e2e/features.parquet"))).to_pylist()
+    live = {(r["layer"], r["channel"], r["rank"]) for r in rows if not r["dead"]}
+    fs, base = store.arrow_filesystem()
+    for kind in ("images", "projections"):
+        found = set()
+        for layer in manifest["layers"]:
+            t = pq.read_table(f"{base}/atlas/e2e/{kind}/{layer}.parquet", filesystem=fs,
+                              columns=["layer", "channel", "rank"])
+            found |= set(zip(*(t.column(c).to_pylist() for c in ("layer", "channel", "rank")), strict=True))
+        assert found == live, kind  # one image row per live feature row, none for dead channels
+
+
+def assert_one_channel_reads_one_row_group(store, run_id: str, layer: str) -> None:
+    """Serving one channel's images reads that channel's row group of the layer's images table and
+    nothing else once the footer is known: counted bytes, on whichever backend ``store`` is."""
+    key = f"atlas/{run_id}/images/{layer}.parquet"
+    size = next(o.size for o in store.list_objects(key))
+    local = pq.ParquetFile(io.BytesIO(store.get_bytes(key)))
+    meta = local.metadata
+    assert meta.num_row_groups >= 4
+    last = meta.num_row_groups - 1
+    group_bytes = sum(meta.row_group(last).column(c).total_compressed_size for c in range(meta.num_columns))
+    far = local.read_row_group(last).column("channel").to_pylist()[0]
+
+    inner, _ = store.arrow_filesystem()
+    counter = CountingFileSystem(inner)
+    reader = AtlasReader(store, run_id, filesystem=pafs.PyFileSystem(counter))
+    first = local.read_row_group(0).column("channel").to_pylist()[0]
+    reader.png(layer, first, "patch", 0)  # cold: the footer, then the first row group
+    assert counter.bytes_read < size / 2, (counter.bytes_read, size)
+    counter.bytes_read = counter.reads = 0
+    reader.png(layer, far, "projection_grid")  # warm: the last row group's column chunks only
+    assert 0 < counter.bytes_read <= group_bytes + 1024, (counter.bytes_read, group_bytes)
+    assert counter.bytes_read < size / meta.num_row_groups * 2
+
+
+def test_a_one_channel_image_read_is_one_row_group(cluster_atlas):
+    _, store, _ = cluster_atlas
+    assert_one_channel_reads_one_row_group(store, "e2e", "conv2")
+
+
+def test_export_writes_the_pngs_the_api_serves(cluster_atlas, tmp_path):
+    _, store, _ = cluster_atlas
+    reader = AtlasReader(store, "e2e")
+    result = reader.export_layer("conv2", open_store(str(tmp_path / "export")))
+    exported = pq.read_table(tmp_path / "export" / "features.parquet").to_pylist()
+    assert result.rows == len(exported) > 0
+    checked = 0
+    for row in exported:
+        if row["dead"]:
+            continue
+        for kind in ("patch", "projection"):
+            got = (tmp_path / "export" / row[f"{kind}_key"]).read_bytes()
+            assert got == reader.png("conv2", row["channel"], kind, row["rank"])
+            checked += 1
+        grid = (tmp_path / "export" / row["projection_grid_key"]).read_bytes()
+        assert grid == reader.png("conv2", row["channel"], "projection_grid")
+    assert checked == 2 * sum(not r["dead"] for r in exported)
+
+
 def test_fault_a_killed_worker_changes_nothing(cluster_atlas, trained_small, tmp_path):
     manifest, store, _ = cluster_atlas
     _, _, checkpoint = trained_small
@@ -191,6 +259,7 @@ def test_results_land_in_s3_too(ray_cluster, trained_small, s3_bucket, s3_endpoi
     assert table.num_rows == 9 * (32 + 64 - dead) + dead == manifest["features_rows"]
     assert store.exists("atlas/s3run/images/conv1.parquet")
     assert AtlasReader(store, "s3run").png("conv1", 0, "projection_grid").startswith(b"\x89PNG")
+    assert_one_channel_reads_one_row_group(store, "s3run", "conv2")
 
 
 def test_same_spec_twice_is_one_committed_run(cluster_atlas, trained_small):

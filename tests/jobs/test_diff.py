@@ -47,7 +47,7 @@ def pair(tmp_path) -> tuple[Store, dict]:
         elif key == ("conv5", 3):
             r["activation"] = 2.0 - 0.1 * r["rank"]
     write_atlas(store, "a", a, images=False)
-    write_atlas(store, "b", b, images=False)
+    write_atlas(store, "b", b)  # with its images: the diff names their grids
     return store, {(r["layer"], r["channel"]): r for r in a if r["rank"] == 0}
 
 

@@ -82,6 +82,16 @@ BAD_SPECS = [
     ("bad run id", {"run_id": "../escape"}, "run_id"),
     ("bad endpoint", {"endpoint_url": "127.0.0.1:9000"}, "endpoint_url"),
     ("procedural with uri", {"dataset": {"uri": "/data"}}, "dataset.uri"),
+    ("num_images of 10^12", {"dataset": {"num_images": 10**12}}, "dataset.num_images"),
+    ("webdataset without uri", {"dataset": {"format": "webdataset"}}, "dataset.uri"),
+    ("seed of 10^30", {"seed": 10**30}, "seed"),
+    ("negative seed", {"seed": -1}, "seed"),
+    ("negative dataset seed", {"dataset": {"seed": -3}}, "dataset.seed"),
+    ("k: true", {"k": True}, "k"),
+    ("workers: true", {"resources": {"workers": True}}, "resources.workers"),
+    ("run id with the lease suffix", {"run_id": "nightly.lease"}, "run_id"),
+    ("run id with the temp suffix", {"run_id": "x.zfatlas-tmp"}, "run_id"),
+    ("image_size too small", {"layers": ["conv5"], "dataset": {"image_size": 16}}, "dataset.image_size"),
 ]
 
 

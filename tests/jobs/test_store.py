@@ -28,6 +28,7 @@ from jobs.store import (
     read_uri_bytes,
 )
 from jobs.store.provenance import fingerprint_bytes
+from tests.fixtures.crash import killed_writer
 
 SCHEMA = pa.schema(
     [
@@ -143,17 +144,17 @@ def _write_run(store: Store, run_id: str, n_files: int, fail_after: int | None =
         return run.commit({"name": "job", "files_written": n_files})
 
 
-def test_killed_writer_is_invisible_and_rerun_commits_once(store: Store) -> None:
+def test_a_failed_attempt_removes_its_files_and_a_rerun_commits_once(store: Store) -> None:
     with pytest.raises(RuntimeError, match="killed"):
         _write_run(store, "r1", 10, fail_after=5)
     assert committed_runs(store) == []
-    assert len(store.list_keys("atlas/r1/")) == 5  # the half-written leftovers
-    assert not store.exists(f"atlas/r1/{MANIFEST}")
+    assert store.list_keys("atlas/r1") == []  # neither its 5 files nor its lease are left
 
     manifest = _write_run(store, "r1", 10)
     assert manifest is not None
     keys = store.list_keys("atlas/r1/")
     assert keys == sorted([f"atlas/r1/shard-{i:03d}.bin" for i in range(10)] + [f"atlas/r1/{MANIFEST}"])
+    assert store.list_keys("atlas/r1") == keys  # the lease went with the commit
     assert len(manifest["files"]) == 10
     assert [r["run_id"] for r in committed_runs(store)] == ["r1"]
 
@@ -167,10 +168,10 @@ def test_killed_writer_is_invisible_and_rerun_commits_once(store: Store) -> None
     assert read_manifest(store, "atlas", "r1")["committed_at"] == manifest["committed_at"]
 
 
-def test_uncommitted_leftover_with_different_files_is_replaced(store: Store) -> None:
-    run = begin_run(store, "atlas", "r")
-    run.put_bytes("old-only.bin", b"x")
-    run.put_bytes("sub/shared.bin", b"old")
+def test_a_killed_writers_leftovers_are_invisible_then_replaced(store: Store) -> None:
+    killed_writer(store, "atlas", "r", {"old-only.bin": b"x", "sub/shared.bin": b"old"})
+    assert committed_runs(store) == [] and len(store.list_keys("atlas/r/")) == 2
+    # The dead process's lease is taken over at once (its pid is gone), its files deleted.
     run = begin_run(store, "atlas", "r")
     run.put_bytes("sub/shared.bin", b"new")
     run.commit({"name": "r"})
@@ -178,13 +179,12 @@ def test_uncommitted_leftover_with_different_files_is_replaced(store: Store) -> 
     assert store.get_bytes("atlas/r/sub/shared.bin") == b"new"
     # Siblings sharing a name prefix are untouched.
     begin_run(store, "atlas", "r2").commit({})
-    begin_run(store, "atlas", "r")
+    assert begin_run(store, "atlas", "r").already_committed
     assert store.exists("atlas/r2/manifest.json")
 
 
 def test_resuming_job_keeps_leftovers_until_it_commits(store: Store) -> None:
-    run = begin_run(store, "train", "t")
-    run.put_bytes("checkpoints/epoch-0001.pt", b"state")
+    killed_writer(store, "train", "t", {"checkpoints/epoch-0001.pt": b"state"}, keep=True)
     again = begin_run(store, "train", "t", keep_leftovers=True)
     assert not again.already_committed
     assert store.get_bytes("train/t/checkpoints/epoch-0001.pt") == b"state"

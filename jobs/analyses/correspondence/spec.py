@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from jobs.specs.base import LayerName, SpecBase, field_error, fill_default_layers, unique
+from jobs.specs.base import Int, LayerName, SpecBase, field_error, fill_default_layers, unique
 
 Box = tuple[int, int, int, int]
 
@@ -30,8 +30,8 @@ class CorrespondenceSpec(SpecBase):
         default_factory=dict,
         description="Part name -> one (top, left, height, width) box per image, in the order of images.",
     )
-    random_masks: int = Field(5, ge=0, description="Random-mask baselines per image.")
-    mask_size: int = Field(12, ge=1, description="Side of the random masks in pixels.")
+    random_masks: Int = Field(5, ge=0, description="Random-mask baselines per image.")
+    mask_size: Int = Field(12, ge=1, description="Side of the random masks in pixels.")
 
     @field_validator("images")
     @classmethod

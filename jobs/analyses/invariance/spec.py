@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from jobs.specs.base import LayerName, SpecBase, field_error, fill_default_layers, unique
+from jobs.specs.base import Float, Int, LayerName, SpecBase, field_error, fill_default_layers, unique
 
 
 class InvarianceSpec(SpecBase):
@@ -19,16 +19,16 @@ class InvarianceSpec(SpecBase):
         description="Layers compared; default: the first layer and the last fully connected one "
         "(the paper's layers 1 and 7).",
     )
-    images: int = Field(5, ge=1, le=1000, description="Number of images transformed.")
-    translations: list[int] = Field(
+    images: Int = Field(5, ge=1, le=1000, description="Number of images transformed.")
+    translations: list[Int] = Field(
         default_factory=lambda: list(range(-16, 17, 4)),
         description="Vertical shifts in pixels (the paper's -60..60 at 224px, scaled to 64px).",
     )
-    scales: list[float] = Field(
+    scales: list[Float] = Field(
         default_factory=lambda: [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4],
         description="Scale factors.",
     )
-    rotations: list[float] = Field(
+    rotations: list[Float] = Field(
         default_factory=lambda: [float(d) for d in range(0, 360, 10)], description="Degrees."
     )
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from jobs.specs.base import LayerName, SpecBase, field_error
+from jobs.specs.base import Int, LayerName, SpecBase, field_error
 
 
 class OcclusionSpec(SpecBase):
@@ -16,9 +16,9 @@ class OcclusionSpec(SpecBase):
     layer: LayerName | None = Field(
         None, description="Layer whose strongest feature map is tracked; default: the last conv layer."
     )
-    patch: int = Field(16, ge=1, description="Occluder side in pixels.")
-    stride: int = Field(4, ge=1, description="Occluder step in pixels.")
-    images: int = Field(8, ge=1, le=10_000, description="Number of images analysed.")
+    patch: Int = Field(16, ge=1, description="Occluder side in pixels.")
+    stride: Int = Field(4, ge=1, description="Occluder step in pixels.")
+    images: Int = Field(8, ge=1, le=10_000, description="Number of images analysed.")
     fill: Literal["grey", "mean"] = Field("grey", description="Occluder colour.")
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from jobs.specs.base import DatasetSpec, LayerName, SpecBase, fill_default_layers, unique
+from jobs.specs.base import DatasetSpec, Int, LayerName, SpecBase, fill_default_layers, unique
 
 
 class ProbeSpec(SpecBase):
@@ -25,11 +25,11 @@ class ProbeSpec(SpecBase):
     train_per_class: list[int] = Field(
         default_factory=lambda: [15, 30], min_length=1, description="Training images per class."
     )
-    folds: int = Field(5, ge=1, le=100, description="Random splits averaged.")
+    folds: Int = Field(5, ge=1, le=100, description="Random splits averaged.")
     classifiers: list[Literal["softmax", "svm"]] = Field(
         default_factory=lambda: ["softmax", "svm"], min_length=1
     )
-    max_iter: int = Field(
+    max_iter: Int = Field(
         100,
         ge=1,
         validation_alias=AliasChoices("max_iter", "epochs"),  # "epochs": its name before 0.2
