@@ -1,9 +1,12 @@
 """Batched occlusion sensitivity vs one forward pass per square position, same model and images.
 
-Both paths are zfcore.analyses.occlusion.occlusion_sensitivity: ``batch_size=1`` is one forward per
-position, the batched path pushes ``--batch`` occluded copies through per pass. Repetitions
-alternate between the two and medians are reported, so machine noise hits both alike; the results
-are compared too (they must agree to 1e-5). Runs unchanged on a GPU.
+All paths are zfcore.analyses.occlusion.occlusion_sensitivity: ``batch_size=1, windowed=False`` is
+one plain forward per position (the reference); "batched" pushes ``--batch`` occluded copies
+through per pass; "batched + windowed" (the default) also recomputes the first convolution only
+where each square changes it. Repetitions alternate between the paths and medians are reported,
+so machine noise hits all alike; the results are compared too (they must agree to 1e-5). The load
+average is printed first: ratios from a machine with load >= 1 are marked NOT QUOTABLE. Runs
+unchanged on a GPU.
 
     .venv/bin/python benchmarks/occlusion.py [--variant zfnet-small] [--images 4] [--patch 16]
         [--stride 4] [--batch 64] [--reps 3]
@@ -12,6 +15,7 @@ are compared too (they must agree to 1e-5). Runs unchanged on a GPU.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -26,10 +30,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_all(model, images: torch.Tensor, labels: list[int], args, batch_size: int) -> list[OcclusionResult]:
+def run_all(
+    model, images: torch.Tensor, labels: list[int], args, batch_size: int, windowed: bool
+) -> list[OcclusionResult]:
     return [
         occlusion_sensitivity(model, img, lab, layer=args.layer, size=args.patch, stride=args.stride,
-                              batch_size=batch_size)
+                              batch_size=batch_size, window=windowed)
         for img, lab in zip(images, labels, strict=True)
     ]
 
@@ -64,28 +70,41 @@ def main() -> None:
     labels = [i % model.config.num_classes for i in range(args.images)]
     positions = len(square_offsets(size, args.patch, args.stride)) ** 2
 
-    # Warm-up both paths (allocator, kernels) before timing.
-    run_all(model, images[:1], labels[:1], args, args.batch)
-    run_all(model, images[:1], labels[:1], args, 1)
-    batched_t, single_t = [], []
+    load = os.getloadavg()
+    quiet = load[0] < 1
+    paths = {
+        "one forward per position": (1, False),
+        f"batched, {args.batch} per forward": (args.batch, False),
+        "batched + windowed conv1": (args.batch, True),
+    }
+    for batch, windowed in paths.values():  # warm-up (allocator, kernels) before timing
+        run_all(model, images[:1], labels[:1], args, batch, windowed)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    results: dict[str, list[OcclusionResult]] = {}
     for _ in range(args.reps):
-        t, batched = timed(lambda: run_all(model, images, labels, args, args.batch), device)
-        batched_t.append(t)
-        t, single = timed(lambda: run_all(model, images, labels, args, 1), device)
-        single_t.append(t)
+        for name, (batch, windowed) in paths.items():
+            def job(b: int = batch, w: bool = windowed) -> list[OcclusionResult]:
+                return run_all(model, images, labels, args, b, w)
+
+            t, results[name] = timed(job, device)
+            times[name].append(t)
+    reference = results["one forward per position"]
     diff = max(
         max(float((b.true_prob - s.true_prob).abs().max()), float((b.activation - s.activation).abs().max()))
-        for b, s in zip(batched, single, strict=True)
+        for out in results.values() for b, s in zip(out, reference, strict=True)
     )
-    tb, ts = statistics.median(batched_t), statistics.median(single_t)
     forwards = args.images * positions
     threads = torch.get_num_threads()
+    print(f"load average at start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}"
+          + ("" if quiet else " (NOT QUIET: ratios below are not quotable)"))
     print(f"device {device} ({threads} threads), {args.variant} at {size}px, layer {args.layer}")
     print(f"{args.images} images x {positions} positions (patch {args.patch}, stride {args.stride}) "
           f"= {forwards} occluded images; median of {args.reps}")
-    print(f"one forward per position : {ts:8.3f} s  ({forwards / ts:8.1f} positions/s)")
-    print(f"batched, {args.batch:4d} per forward : {tb:8.3f} s  ({forwards / tb:8.1f} positions/s)")
-    print(f"speed-up (per-position / batched): {ts / tb:.2f}x")
+    base = statistics.median(times["one forward per position"])
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        print(f"{name:28s}: {t:8.3f} s  ({forwards / t:8.1f} positions/s)  speed-up {base / t:5.2f}x"
+              + ("" if quiet else " NOT QUOTABLE"))
     print(f"max |difference| of activation and true-class probability: {diff:.2e}")
 
 

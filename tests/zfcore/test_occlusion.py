@@ -1,10 +1,14 @@
 import pytest
 import torch
+import torchvision
+from torch import nn
 
 from tests.zfcore.analysis_data import held_out
 from zfcore.analyses.occlusion import occlude, occlusion_sensitivity, pixel_map, square_offsets, strongest_map
+from zfcore.analyses.windowed import WindowedPrefix, windowed
 from zfcore.data import to_tensor
 from zfcore.deconv import project
+from zfcore.network import as_network
 from zfcore.zfnet import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,3 +129,63 @@ def test_fc_layer_and_training_mode_is_restored():
     assert model.training
     assert r.activation.shape == r.true_prob.shape == (2, 2)
     assert torch.all((r.true_prob >= 0) & (r.true_prob <= 1))
+
+
+class _OddNet(nn.Module):
+    """Not a chain: a dilated, padded, strided first conv, eval BatchNorm, a padded pool, a 1x1
+    stride-2 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, stride=2, padding=2, dilation=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(2, padding=1)
+        self.c = nn.Conv2d(8, 8, 1, stride=2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c(self.pool(torch.relu(self.bn(self.a(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("size,stride", [(16, 4), (7, 3), (1, 9), (5, 5), (64, 8)])
+@pytest.mark.parametrize("net,layer,side", [
+    ("zfnet-small", None, 64), ("zfnet-small", "conv1", 64), ("zfnet-small", "conv2", 64),
+    ("resnet18", None, 64), ("odd", "c", 33),
+])
+def test_windowed_first_layers_equal_plain_forward_passes(net, layer, side, size, stride):
+    """Recomputing the first layers only around each square (zfcore.analyses.windowed) changes no
+    result: on a chain (ZFNet: conv/ReLU/pool/LRN, also when the asked layer is inside that
+    prefix), on torchvision's ResNet (its first conv), on an odd net (dilation, BN, padded pool)."""
+    torch.manual_seed(0)
+    model = {"zfnet-small": lambda: build("zfnet-small"), "odd": _OddNet,
+             "resnet18": lambda: torchvision.models.resnet18(weights=None, num_classes=10)}[net]().eval()
+    image = torch.randn(3, side, side)
+    size = min(size, side)
+    kw = {"size": size, "stride": stride, "batch_size": 32, **({"layer": layer} if layer else {})}
+    fast = occlusion_sensitivity(model, image, 1, window=True, **kw)
+    plain = occlusion_sensitivity(model, image, 1, window=False, **kw)
+    scale = float(plain.activation.abs().max()) or 1.0
+    assert float((fast.activation - plain.activation).abs().max()) <= 1e-5 * scale
+    assert torch.allclose(fast.true_prob, plain.true_prob, atol=1e-6)
+    assert torch.equal(fast.top_class, plain.top_class)
+    network = as_network(model)
+    prefix = WindowedPrefix.plan(network, image.unsqueeze(0), size, network.layer_module(fast.layer))
+    assert prefix is not None  # something was windowed
+    if net == "zfnet-small" and size <= 16 and layer is None:
+        assert [type(lay.module).__name__ for lay in prefix.layers][:4] == [
+            "Conv2d", "ReLU", "MaxPool2d", "LocalResponseNorm"]
+
+
+def test_windowing_leaves_no_patched_forward_even_after_an_error():
+    model = build("zfnet-small").eval()
+    network = as_network(model)
+    image = torch.randn(1, 3, 64, 64)
+    prefix = WindowedPrefix.plan(network, image, 16, network.layer_module("conv5"))
+    modules = [layer.module for layer in prefix.layers]
+    with pytest.raises(RuntimeError, match="boom"), windowed(prefix, {"batch": image}):
+        assert all("forward" in m.__dict__ for m in modules)
+        raise RuntimeError("boom")
+    assert all("forward" not in m.__dict__ for m in modules)
+    with torch.no_grad():  # and the modules compute as before
+        assert torch.equal(model(image), model(image.clone()))

@@ -14,6 +14,11 @@ forward pass), never one forward per position; ``batch_size=1`` is the per-posit
 
 "Grey" is the normalization mean (0 in the model's input space; see :data:`zfcore.data.MEAN`): the
 paper's networks see mean-subtracted pixels, where grey mean colour is exactly zero.
+
+A square changes the first layers' activations only in a window around it, so the occluded
+copies recompute those layers only there (:mod:`zfcore.analyses.windowed`; on ZFNet-small the
+first conv/pool/LRN stage is ~85% of a forward pass); deeper layers run as usual. The results
+equal full forward passes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 
 from ..deconv import deconvolve
 from ..network import Network, as_network, evaluating
+from .windowed import WindowedPrefix, windowed
 
 
 @dataclass(frozen=True)
@@ -111,11 +117,14 @@ def occlusion_sensitivity(
     stride: int = 4,
     fill: float | Sequence[float] = 0.0,
     batch_size: int = 64,
+    window: bool = True,
 ) -> OcclusionResult:
     """Slide a ``size`` x ``size`` square over ``image`` (3, H, W, normalized) in steps of
     ``stride``; see the module docstring for what is recorded. ``batch_size`` occluded copies go
-    through the model per forward pass. Runs on the device of ``image`` (the model must be there).
-    ``layer`` defaults to the last conv layer (the paper's layer 5).
+    through the model per forward pass; ``window``: the first layers are recomputed only where
+    each square changes them (see the module docstring; ``False`` for plain forward passes).
+    Runs on the device of ``image`` (the model must be there). ``layer`` defaults to the last conv
+    layer (the paper's layer 5).
     """
     network = as_network(model)
     layer = layer or network.spatial_layers()[-1]
@@ -133,10 +142,18 @@ def occlusion_sensitivity(
         grid_t = tops.repeat_interleave(len(lefts))
         grid_l = lefts.repeat(len(tops))
         activation, true_prob, top_class, top_prob = [], [], [], []
+        target = network.layer_module(layer)
+        prefix = WindowedPrefix.plan(network, image.unsqueeze(0), size, target) if window else None
+        state: dict = {}
         for start in range(0, len(grid_t), batch_size):
             t, left = grid_t[start : start + batch_size], grid_l[start : start + batch_size]
             batch = occlude(image, t, left, size, fill)
-            acts, logits = network.features_and_logits(batch, [layer])
+            if prefix is None:
+                acts, logits = network.features_and_logits(batch, [layer])
+            else:
+                state.update(batch=batch, tops=t, lefts=left)
+                with windowed(prefix, state):
+                    acts, logits = network.features_and_logits(batch, [layer])
             prob = logits.softmax(dim=1)
             activation.append(_summed_map(acts[layer], channel))
             true_prob.append(prob[:, label])
