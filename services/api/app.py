@@ -3,7 +3,8 @@ atlas viewer at ``/``; other services' routers (the scheduler's submit/schedule 
 mounted by whoever composes the server (:mod:`services.server`).
 
 Build it with :func:`create_app`; ``zfatlas serve`` runs it under uvicorn. The OpenAPI document is
-at ``/openapi.json`` (interactive docs at ``/docs``).
+at ``/openapi.json`` (interactive docs at ``/docs``, with Swagger UI's assets served from this
+server: no CDN).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from jobs.store import Store, open_store
-from services.api import deps, errors
+from services.api import deps, docs, errors
 from services.api.catalog import Catalog
 from services.api.routes import atlas, diffs, images, runs
 from services.http.guards import ServiceApp
@@ -61,6 +62,7 @@ def create_app(
         version="1",
         description=DESCRIPTION,
         openapi_tags=TAGS,
+        **docs.docs_disabled(),  # FastAPI's pages load from a CDN; docs.install serves them locally
         # Query times that cannot be compared in UTC are the client's mistake (422), not a crash.
         dependencies=[Depends(deps.representable_times)],
     )
@@ -75,6 +77,7 @@ def create_app(
         app.include_router(router)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    docs.install(app)
 
     @app.get("/", include_in_schema=False)
     def viewer() -> FileResponse:

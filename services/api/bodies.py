@@ -50,16 +50,33 @@ class LayerOut(BaseModel):
 class AtlasOut(BaseModel):
     summary: RunSummary
     layers: list[LayerOut]
+    class_names: list[str] | None = Field(
+        None, description="The dataset's classes: label n is class_names[n]. Null for atlases that "
+        "did not record them (their labels are numbers only)."
+    )
+    dataset_uri: str | None = Field(None, description="Where the images came from (null: procedural).")
 
 
-class TileOut(BaseModel):
+class SelectivityFields(BaseModel):
+    """How much a channel prefers one class, from its top-k rows (labels of -1, unknown, not counted)."""
+
+    top_label: int | None = Field(None, description="The most frequent label of its top-k images.")
+    top_label_name: str | None = Field(None, description="Its class name, where the atlas knows it.")
+    selectivity: float | None = Field(
+        None, ge=0, le=1, description="Share of the top-k images with a known label that have "
+        "top_label; null for a dead channel or one with no known label."
+    )
+
+
+class TileOut(SelectivityFields):
     """What the viewer shows for a channel before it is opened (its strongest activation)."""
 
     channel: int
     top_activation: float
     dead: bool = Field(description="True when the channel never activates (top activation <= 0).")
     image_id: str
-    label: int
+    label: int = Field(description="The top image's label (-1: unknown).")
+    label_name: str | None = Field(None, description="Its class name; null when unknown.")
     projection_grid_url: str | None
     patch_grid_url: str | None
 
@@ -76,7 +93,8 @@ class FeatureOut(BaseModel):
     activation: float
     image_id: str
     image_index: int
-    label: int
+    label: int = Field(description="The image's label (-1: unknown).")
+    label_name: str | None = Field(None, description="Its class name; null when unknown.")
     y: int
     x: int
     box: Box = Field(description="Receptive field in the model's input pixels (image_size square).")
@@ -87,7 +105,7 @@ class FeatureOut(BaseModel):
     )
 
 
-class ChannelOut(BaseModel):
+class ChannelOut(SelectivityFields):
     run_id: str
     layer: str
     channel: int

@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 from jobs.results.diff import AtlasDiff, diff_atlases
 from jobs.results.query import AtlasReader, model_arch
 from jobs.store import MANIFEST, Store, check_key
+from services.api.channels import LayerTile, layer_tiles
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -61,10 +62,16 @@ class Catalog:
         self._diffs: LRU[tuple[str, str, tuple[str, ...]], AtlasDiff] = LRU(cache_size)
         self._sources: LRU[str, Any] = LRU(cache_size)
         self._committed: LRU[tuple[str, str], bool] = LRU(4096)
+        # A layer's tiles: one scan answers every sort, filter and page of it.
+        self._tiles: LRU[tuple[str, str], list[LayerTile]] = LRU(cache_size)
 
     def reader(self, run_id: str) -> AtlasReader:
         """The atlas run's reader (UnknownRunError / QueryError for a missing or bad run id)."""
         return self._readers.get(run_id, lambda: AtlasReader(self.store, run_id, filesystem=self.filesystem))
+
+    def tiles(self, run_id: str, layer: str) -> list[LayerTile]:
+        """Every channel of the atlas's layer as a tile, by channel (UnknownLayerError for a bad layer)."""
+        return self._tiles.get((run_id, layer), lambda: layer_tiles(self.reader(run_id), layer))
 
     def diff(self, run_a: str, run_b: str, layers: list[str] | None = None) -> AtlasDiff:
         key = (run_a, run_b, tuple(layers or ()))

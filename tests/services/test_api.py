@@ -7,6 +7,7 @@ import asyncio
 import http.client
 import io
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -27,6 +28,7 @@ from services.http.security import require_token
 from services.http.settings import Settings
 from tests.fixtures.api_server import serve
 from tests.fixtures.synthetic_atlas import synthetic_rows, write_atlas
+from zfcore.data import CLASS_NAMES
 
 TOKEN = "test-token-0123456789abcdef"
 MAX_PAGE = 50
@@ -41,6 +43,7 @@ class Api:
     url: str
     backend: str
     other_bucket: str | None = None
+    rows: dict[str, list[dict]] | None = None  # the rows of each atlas, by run id
 
     def raw_get(self, path: str) -> tuple[int, bytes]:
         """GET with the path sent exactly as written (httpx would normalize '..' away)."""
@@ -73,17 +76,49 @@ def _store(
 def api(request, tmp_path_factory) -> Iterator[Api]:
     uri, endpoint, other = _store(request.param, request, tmp_path_factory)
     store = open_store(uri, endpoint)
-    rows_a = synthetic_rows("a")
+    rows_a = _with_known_selectivities(synthetic_rows("a"))
     rows_b = synthetic_rows("b", seed=1)
     write_atlas(store, "a", rows_a)
-    write_atlas(store, "b", rows_b)
+    write_atlas(store, "b", rows_b, class_names=None)  # as atlases before class names were recorded
     begin_run(store, "train", "t1").commit({"name": "t1"})
     uncommitted = begin_run(store, "atlas", "half")
     uncommitted.put_png("images/conv1/0000/patch-grid.png", np.zeros((4, 4, 3), np.uint8))
     settings = Settings(store=uri, endpoint_url=endpoint, token=TOKEN, max_page_size=MAX_PAGE,
                         default_page_size=20, max_request_bytes=MAX_BODY)
     with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
-        yield Api(client, store, url, request.param, other)
+        yield Api(client, store, url, request.param, other, {"a": rows_a, "b": rows_b})
+
+
+# Atlas "a", conv5: channel 1's labels are known exactly (two unknown), channel 3 never fired,
+# channel 4's labels are all unknown.
+CHANNEL_1_LABELS = [2, 2, -1, 5, 2, -1, 7, 2, 5]  # 4 of its 7 known labels are class 2
+DEAD_CHANNEL, UNLABELLED_CHANNEL = 3, 4
+
+
+def _with_known_selectivities(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        if r["layer"] != "conv5":
+            continue
+        if r["channel"] == 1:
+            r["label"] = CHANNEL_1_LABELS[r["rank"]]
+        elif r["channel"] == DEAD_CHANNEL:
+            r["activation"] = 0.0
+        elif r["channel"] == UNLABELLED_CHANNEL:
+            r["label"] = -1
+    return rows
+
+
+def _expected_selectivity(rows: list[dict], layer: str, channel: int) -> tuple[int | None, float | None]:
+    """Computed here from the rows as written, independently of the API's code."""
+    mine = [r for r in rows if (r["layer"], r["channel"]) == (layer, channel)]
+    if not max(r["activation"] for r in mine) > 0:
+        return None, None
+    counts = Counter(r["label"] for r in mine if r["label"] >= 0)
+    if not counts:
+        return None, None
+    best = max(counts.values())
+    top = min(label for label, n in counts.items() if n == best)
+    return top, best / sum(counts.values())
 
 
 # --- reads -----------------------------------------------------------------------------------
@@ -177,6 +212,19 @@ def test_writing_a_diff_needs_the_token(api):
     assert table.schema.remove_metadata().equals(DIFF_SCHEMA)
 
 
+def test_a_written_diff_is_never_overwritten(api):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    first = {"run_a": "a", "run_b": "b", "name": f"once-{api.backend}"}
+    assert api.client.post("/api/diffs", json=first, headers=auth).status_code == 201
+    written = api.store.get_bytes(f"diffs/once-{api.backend}.parquet")
+    again = api.client.post("/api/diffs", json=first, headers=auth)
+    assert again.status_code == 200 and again.json()["rows"] == 10  # the same diff: already there
+    other = {**first, "layers": ["conv1"]}  # a different diff under the taken name
+    refused = api.client.post("/api/diffs", json=other, headers=auth)
+    assert refused.status_code == 409 and "different diff" in refused.json()["detail"]
+    assert api.store.get_bytes(f"diffs/once-{api.backend}.parquet") == written
+
+
 def test_openapi_and_viewer_are_served(api):
     spec = api.client.get("/openapi.json").raise_for_status().json()
     paths = spec["paths"]
@@ -192,6 +240,99 @@ def test_openapi_and_viewer_are_served(api):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "/static/viewer.js" in page.text
     assert api.client.get("/static/viewer.js").status_code == 200
+
+
+def _tiles(api: Api, run: str = "a", layer: str = "conv5", **query) -> dict:
+    response = api.client.get(f"/api/atlases/{run}/layers/{layer}/channels", params=query)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_tiles_and_channels_name_classes_and_their_selectivity(api):
+    atlas = api.client.get("/api/atlases/a").json()
+    assert atlas["class_names"] == list(CLASS_NAMES) and atlas["dataset_uri"] is None
+    tiles = {t["channel"]: t for t in _tiles(api)["items"]}
+    assert len(tiles) == 6
+    for channel, tile in tiles.items():
+        top, share = _expected_selectivity(api.rows["a"], "conv5", channel)
+        assert (tile["top_label"], tile["selectivity"]) == (top, pytest.approx(share) if share else None)
+        assert tile["top_label_name"] == (CLASS_NAMES[top] if top is not None else None)
+        assert tile["label_name"] == (CLASS_NAMES[tile["label"]] if tile["label"] >= 0 else None)
+    assert tiles[1]["top_label"] == 2 and tiles[1]["selectivity"] == pytest.approx(4 / 7)
+    assert tiles[1]["top_label_name"] == CLASS_NAMES[2]
+    assert tiles[DEAD_CHANNEL]["dead"] and tiles[DEAD_CHANNEL]["selectivity"] is None
+    unlabelled = tiles[UNLABELLED_CHANNEL]
+    assert unlabelled["selectivity"] is None and unlabelled["label_name"] is None and not unlabelled["dead"]
+
+    channel = api.client.get("/api/atlases/a/layers/conv5/channels/1").json()
+    assert channel["top_label_name"] == CLASS_NAMES[2] and channel["selectivity"] == pytest.approx(4 / 7)
+    names = [f["label_name"] for f in channel["features"]]
+    assert names == [CLASS_NAMES[n] if n >= 0 else None for n in CHANNEL_1_LABELS]
+    dead = api.client.get(f"/api/atlases/a/layers/conv5/channels/{DEAD_CHANNEL}").json()
+    assert dead["dead"] and dead["selectivity"] is None and dead["top_label"] is None
+
+
+def test_an_atlas_without_class_names_keeps_label_numbers(api):
+    assert api.client.get("/api/atlases/b").json()["class_names"] is None
+    for tile in _tiles(api, "b")["items"]:
+        top, share = _expected_selectivity(api.rows["b"], "conv5", tile["channel"])
+        assert tile["label_name"] is None and tile["top_label_name"] is None
+        assert tile["top_label"] == top and tile["selectivity"] == pytest.approx(share)
+    feature = api.client.get("/api/atlases/b/layers/conv1/channels/0").json()["features"][0]
+    assert feature["label_name"] is None and feature["label"] == api.rows["b"][0]["label"]
+
+
+def test_tiles_sort_and_filter_across_the_whole_layer(api):
+    def order(**query) -> list[int]:
+        return [t["channel"] for t in _tiles(api, **query)["items"]]
+
+    tops = {r["channel"]: r["activation"] for r in api.rows["a"] if r["layer"] == "conv5" and r["rank"] == 0}
+    assert order() == list(range(6))
+    assert order(sort="activation") == sorted(tops, key=lambda c: (-tops[c], c))
+    assert order(sort="dead") == [DEAD_CHANNEL, 0, 1, 2, 4, 5]
+    shares = {c: _expected_selectivity(api.rows["a"], "conv5", c)[1] for c in tops}
+    known = sorted((c for c in tops if shares[c] is not None), key=lambda c: (-shares[c], -tops[c], c))
+    by_selectivity = order(sort="selectivity")
+    assert by_selectivity[: len(known)] == known  # the unknown (dead, unlabelled) last
+    assert set(by_selectivity[len(known):]) == {DEAD_CHANNEL, UNLABELLED_CHANNEL}
+    # Paging walks the sorted order, not the channel order.
+    first = _tiles(api, sort="activation", limit=4)
+    rest = _tiles(api, sort="activation", limit=4, offset=4)
+    assert [t["channel"] for t in first["items"] + rest["items"]] == order(sort="activation")
+    assert first["total"] == 6 and first["next_offset"] == 4
+
+    hidden = _tiles(api, hide_dead="true")
+    assert DEAD_CHANNEL not in [t["channel"] for t in hidden["items"]] and hidden["total"] == 5
+    picky = _tiles(api, min_selectivity=0.5)
+    assert {t["channel"] for t in picky["items"]} == {c for c in known if shares[c] >= 0.5}
+    assert all(t["selectivity"] >= 0.5 for t in picky["items"])
+    of_class_2 = _tiles(api, label=2)
+    assert 1 in [t["channel"] for t in of_class_2["items"]]
+    assert {t["top_label"] for t in of_class_2["items"]} == {2}
+    combined = _tiles(api, label=2, min_selectivity=0.5, sort="selectivity")
+    assert combined["total"] == len(combined["items"]) <= of_class_2["total"]
+    none = _tiles(api, label=999)  # no channel prefers a class the dataset does not have
+    assert none["items"] == [] and none["total"] == 0 and none["next_offset"] is None
+
+
+def test_diff_sorts_by_channel(api):
+    body = api.client.get("/api/diffs/a/b", params={"sort": "channel", "limit": 50}).json()
+    keys = [(r["layer"], r["channel"]) for r in body["page"]["items"]]
+    assert keys == [("conv1", c) for c in range(4)] + [("conv5", c) for c in range(6)]
+    ranked = api.client.get("/api/diffs/a/b", params={"limit": 50}).json()
+    assert [r["rank"] for r in ranked["page"]["items"]] == list(range(1, 11))
+
+
+def test_docs_pages_load_their_assets_from_this_server(api):
+    page = api.client.get("/docs")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "https://" not in page.text and "http://" not in page.text  # every URL is this server's
+    assert "/docs-assets/swagger-ui-bundle.js" in page.text and "/openapi.json" in page.text
+    assert api.client.get("/redoc").status_code == 404  # off: it would fetch its logo from a CDN
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png"):
+        response = api.client.get(f"/docs-assets/{asset}")
+        assert response.status_code == 200 and len(response.content) > 1000, asset
+    assert api.client.get("/docs/oauth2-redirect").status_code == 200
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -246,6 +387,11 @@ def test_keys_outside_committed_runs_are_not_served(api):
         ("/api/diffs/a/nope", 404, "no committed atlas run 'nope'"),
         ("/api/diffs/a/b?layer=conv2", 400, "not in both"),
         ("/api/diffs/a/b?status=sleeping", 422, "died"),
+        ("/api/diffs/a/b?sort=activation", 422, "channel"),
+        ("/api/atlases/a/layers/conv5/channels?sort=random", 422, "selectivity"),
+        ("/api/atlases/a/layers/conv5/channels?min_selectivity=1.5", 422, "less than or equal to 1"),
+        ("/api/atlases/a/layers/conv5/channels?label=-2", 422, "greater than or equal to 0"),
+        ("/api/atlases/a/layers/conv3/channels?sort=selectivity", 404, "has no layer 'conv3'"),
     ],
 )
 def test_unknown_runs_layers_and_channels(api, path, code, needle):

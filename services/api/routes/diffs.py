@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 
 from jobs.results.diff import diff_to_parquet
 from services.api.bodies import DiffOut, DiffRequest, DiffRowOut, DiffWritten, ErrorOut
@@ -46,6 +46,10 @@ def router(settings: Settings) -> APIRouter:
         status_: Literal["died", "born", "alive", "dead"] | None = Query(
             None, alias="status", description="Only channels with this status."
         ),
+        sort: Literal["rank", "channel"] = Query(
+            "rank", description="rank: most changed first (the diff's own order); channel: by layer "
+            "and channel number."
+        ),
         params: PageParams = Depends(page),
         cat: Catalog = Depends(catalog),
     ) -> DiffOut:
@@ -54,6 +58,9 @@ def router(settings: Settings) -> APIRouter:
         rows = table.to_pylist()
         if status_:
             rows = [r for r in rows if r["status"] == status_]
+        if sort == "channel":
+            order = {name: i for i, name in enumerate(result.layers)}  # the atlas's layer order
+            rows.sort(key=lambda r: (order.get(r["layer"], len(order)), r["channel"]))
         page_rows = rows[params.offset : params.offset + params.limit]
         return DiffOut(run_a=run_a, run_b=run_b, layers=result.layers, counts=result.counts(),
                        warnings=result.warnings,
@@ -64,16 +71,27 @@ def router(settings: Settings) -> APIRouter:
         response_model=DiffWritten,
         status_code=status.HTTP_201_CREATED,
         summary="Write the diff of two atlases to the store as Parquet (needs the bearer token)",
-        responses={**ERRORS, 401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 413: {"model": ErrorOut}},
+        description="Written once: the object is created only if its key is free (an exclusive "
+        "create locally, a conditional `If-None-Match: *` PUT on S3), so two concurrent requests "
+        "never interleave. Asking again for the same diff under the same name answers 200 with "
+        "the object already there; a different diff under a taken name is refused with 409.",
+        responses={**ERRORS, 200: {"model": DiffWritten}, 401: {"model": ErrorOut},
+                   403: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}},
         dependencies=[Depends(require_token)],
     )
-    def write(body: DiffRequest, cat: Catalog = Depends(catalog)) -> DiffWritten:
+    def write(body: DiffRequest, response: Response, cat: Catalog = Depends(catalog)) -> DiffWritten:
         result = cat.diff(body.run_a, body.run_b, body.layers)
         name = body.name or f"{body.run_a}--{body.run_b}.parquet"
         if not name.endswith(".parquet"):
             name += ".parquet"
         key = f"{DIFFS_PREFIX}/{name}"  # a fixed prefix: the API can never overwrite a run's files
-        cat.store.put_bytes(key, diff_to_parquet(result))
+        data = diff_to_parquet(result)  # deterministic: the same diff gives the same bytes
+        if cat.store.create_exclusive(key, data) is None:
+            existing, _ = cat.store.get_versioned(key)
+            if existing != data:
+                raise HTTPException(status.HTTP_409_CONFLICT,
+                                    f"{key} already holds a different diff; choose another name")
+            response.status_code = status.HTTP_200_OK  # the same request again: nothing to write
         return DiffWritten(key=key, uri=cat.store.uri_of(key), rows=result.table.num_rows,
                            counts=result.counts())
 
