@@ -1,17 +1,18 @@
 """``zfatlas runs list``, ``zfatlas atlas show|export|diff`` and ``zfatlas serve``: asking the
 artifact store questions, from the shell or over HTTP.
 
-Every command takes ``--store URI`` (default ./artifacts; a path, file:// or s3://bucket/prefix)
-and ``--endpoint-url`` for S3-compatible servers (named here by the operator, so it gets this
-process's AWS credentials). Exit codes: 0 success; 2 bad input (unknown run, layer or channel,
-malformed date or URI, a local store folder that does not exist: one line on stderr); 1 the store
-failed.
+Every command takes ``--store URI`` (a path, file:// or s3://bucket/prefix; default
+``$ZFATLAS_STORE``, else ``$ZFATLAS_API_STORE``, else ./artifacts) and ``--endpoint-url`` for
+S3-compatible servers (named here by the operator, so it gets this process's AWS credentials).
+Exit codes: 0 success; 2 bad input (unknown run, layer or channel, malformed date or URI, a local
+store folder that does not exist: one line on stderr); 1 the store failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -24,9 +25,16 @@ EXIT_FAILED = 1
 DEFAULT_STORE = "./artifacts"
 
 
+def default_store() -> str:
+    """The store a command uses without ``--store``: ``$ZFATLAS_STORE``, else the server's
+    ``$ZFATLAS_API_STORE`` (one variable set for both on a machine that serves), else ./artifacts."""
+    return os.environ.get("ZFATLAS_STORE") or os.environ.get("ZFATLAS_API_STORE") or DEFAULT_STORE
+
+
 def _store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=DEFAULT_STORE, metavar="URI",
-                   help=f"artifact store: path, file:// or s3://bucket/prefix (default {DEFAULT_STORE})")
+    p.add_argument("--store", default=default_store(), metavar="URI",
+                   help="artifact store: path, file:// or s3://bucket/prefix (default: $ZFATLAS_STORE, "
+                   f"else $ZFATLAS_API_STORE, else {DEFAULT_STORE}; now %(default)s)")
     p.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
 
 
@@ -45,15 +53,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     atlas_sub = atlas.add_subparsers(dest="atlas_command", required=True, metavar="COMMAND")
     p = atlas_sub.add_parser("show", help="the top-k rows of one channel, with their image keys")
     p.add_argument("run", help="atlas run id")
-    p.add_argument("--layer", required=True)
-    p.add_argument("--channel", required=True, type=int)
+    p.add_argument("--layer", required=True, help="layer name, as runs list shows it (e.g. conv5, layer4)")
+    p.add_argument("--channel", required=True, type=int, help="channel number (0-based)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     _store_args(p)
     p.set_defaults(func=atlas_show)
 
     p = atlas_sub.add_parser("export", help="copy one layer (rows, PNGs, raw projections) to a folder")
     p.add_argument("run", help="atlas run id")
-    p.add_argument("--layer", required=True)
+    p.add_argument("--layer", required=True, help="layer name, as runs list shows it")
     p.add_argument("--out", required=True, metavar="DIR", help="destination folder (or s3:// prefix)")
     _store_args(p)
     p.set_defaults(func=atlas_export)
@@ -70,10 +78,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     _store_args(p)
     p.set_defaults(func=atlas_diff)
 
-    p = sub.add_parser("serve", help="HTTP API and web atlas viewer over an artifact store")
-    _store_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p = sub.add_parser(
+        "serve", help="HTTP API and web atlas viewer over an artifact store",
+        description="Serve the HTTP API and the web atlas viewer over an artifact store. Every "
+        "setting is also read from ZFATLAS_API_* environment variables (ZFATLAS_API_STORE, "
+        "_ENDPOINT_URL, _HOST, _PORT, _TOKEN, ... ; see the README); a flag given here overrides "
+        "its variable. The token is only ever read from the environment.",
+        epilog="examples:\n  zfatlas serve --store s3://bucket/atlases\n"
+        "  ZFATLAS_API_PORT=9000 ZFATLAS_API_TOKEN=... zfatlas serve",
+    )
+    p.add_argument("--store", metavar="URI",
+                   help="artifact store (default: $ZFATLAS_API_STORE, else $ZFATLAS_STORE, else "
+                   f"{DEFAULT_STORE})")
+    p.add_argument("--endpoint-url", metavar="URL",
+                   help="S3-compatible endpoint (default: $ZFATLAS_API_ENDPOINT_URL)")
+    p.add_argument("--host", help="address to bind (default: $ZFATLAS_API_HOST, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: $ZFATLAS_API_PORT, else 8000; 0: any free port)")
     p.set_defaults(func=serve)
 
 
@@ -120,6 +140,8 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     def fmt(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.4g}"
+        if isinstance(value, list | tuple):
+            return ",".join(str(v) for v in value) or "-"
         return "-" if value is None else str(value)
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
@@ -255,7 +277,11 @@ def serve(args: argparse.Namespace) -> int:
     try:
         # Other settings (the token above all) come from ZFATLAS_API_* environment variables, never
         # from the command line, where other users of the machine could read them.
-        settings = Settings(store=args.store, endpoint_url=args.endpoint_url, host=args.host, port=args.port)
+        given = {"store": args.store, "endpoint_url": args.endpoint_url, "host": args.host, "port": args.port}
+        flags = {name: value for name, value in given.items() if value is not None}
+        if "store" not in flags and not os.environ.get("ZFATLAS_API_STORE"):
+            flags["store"] = default_store()
+        settings = Settings(**flags)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"

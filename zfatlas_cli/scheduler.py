@@ -92,8 +92,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="FIELD=VALUE",
         help="override a spec field",
     )
-    p.add_argument("--concurrency", choices=["forbid", "replace", "allow"], default="forbid")
-    p.add_argument("--catchup", choices=["none", "latest", "all"], default="latest")
+    p.add_argument("--concurrency", choices=["forbid", "replace", "allow"], default="forbid",
+                   help="when a fire comes while the last one still runs: forbid (skip it), replace "
+                   "(stop the running job, start the new one) or allow (run both)")
+    p.add_argument("--catchup", choices=["none", "latest", "all"], default="latest",
+                   help="fires missed while the scheduler was down: none, the latest only, or all "
+                   "(up to --max-catchup)")
     p.add_argument("--max-catchup", type=int, default=10, help="most missed fires run by --catchup all")
     p.add_argument(
         "--starting-deadline", type=float, default=300.0, help="seconds late a fire may start (none)"
@@ -106,25 +110,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sched.add_parser("list", help="schedules and their next fire times")
     p.add_argument("--next", type=int, default=3, help="fire times shown per schedule (default 3)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per schedule, per line")
     p.add_argument("--db", help=db_help)
     p.set_defaults(func=_reported(list_schedules))
 
     for action, text in (("pause", "stop firing (until resumed)"), ("resume", "fire again from now on")):
         p = sched.add_parser(action, help=text)
-        p.add_argument("name")
+        p.add_argument("name", help="the schedule's name, as schedule list shows it")
         p.add_argument("--db", help=db_help)
         p.set_defaults(func=_reported(pause if action == "pause" else resume))
 
     p = sched.add_parser("remove", help="delete a schedule (its history stays)")
-    p.add_argument("name")
+    p.add_argument("name", help="the schedule's name, as schedule list shows it")
     p.add_argument("--db", help=db_help)
     p.set_defaults(func=_reported(remove))
 
     p = sched.add_parser("history", help="runs, newest first: scheduled time, status, attempts, Ray job")
     p.add_argument("name", nargs="?", help="one schedule (default: all)")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=20, help="most runs shown")
+    p.add_argument("--json", action="store_true", help="one JSON object per run, per line")
     p.add_argument("--db", help=db_help)
     p.set_defaults(func=_reported(history))
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from zfatlas_cli.specs import EXIT_FAILED, EXIT_SPEC, load_spec_or_report
 
 if TYPE_CHECKING:
+    from jobs.specs.base import SpecBase
     from jobs.submission.ray_jobs import JobSummary
 
 log = logging.getLogger("zfatlas.submit")
@@ -65,25 +66,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=list_jobs)
 
     p = jobs_sub.add_parser("status", help="a job's status (exit 1 if it failed or was stopped)")
-    p.add_argument("job_id")
+    p.add_argument("job_id", help="the Ray job's submission id, as submit printed it (or jobs list shows)")
     p.add_argument("--address", help=address_help)
-    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the whole job (times, entrypoint, message, run) as JSON")
     p.set_defaults(func=status)
 
     p = jobs_sub.add_parser("logs", help="a job's output")
-    p.add_argument("job_id")
+    p.add_argument("job_id", help="the Ray job's submission id, as submit printed it (or jobs list shows)")
     p.add_argument("--address", help=address_help)
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     p.set_defaults(func=logs)
 
     p = jobs_sub.add_parser("stop", help="stop a job")
-    p.add_argument("job_id")
+    p.add_argument("job_id", help="the Ray job's submission id, as submit printed it (or jobs list shows)")
     p.add_argument("--address", help=address_help)
     p.set_defaults(func=stop)
 
 
 def _fail(exc: Exception) -> int:
-    print(f"error: {exc}", file=sys.stderr)
+    print(f"zfatlas: {exc}", file=sys.stderr)
     return EXIT_FAILED
 
 
@@ -105,10 +107,16 @@ def submit(args: argparse.Namespace) -> int:
     if spec is None:
         return EXIT_SPEC
     try:
-        prepare(spec, args.output)  # a bad --output is a spec problem, found before connecting
+        job = prepare(spec, args.output)  # a bad --output is a spec problem, found before connecting
     except (SpecError, ValueError) as exc:
         print(f"output: {exc}", file=sys.stderr)
         return EXIT_SPEC
+    committed = committed_location(job)
+    if committed is not None:
+        # The job would find its run committed and do nothing: say so, and start nothing.
+        print(f"{job.kind}/{job.run_id} is already committed: nothing submitted", file=sys.stderr)
+        print(committed)
+        return 0
     try:
         client = jobs_client(args.address)
         job_id = submit_spec(spec, output=args.output, client=client, py_modules=packages)
@@ -124,6 +132,22 @@ def submit(args: argparse.Namespace) -> int:
         return _fail(exc)
     print(job.status)
     return 0 if job.status == "SUCCEEDED" else EXIT_FAILED
+
+
+def committed_location(job: SpecBase) -> str | None:
+    """Where the prepared spec's run is committed, if this machine can see its store and it is;
+    None otherwise (a store only the cluster reaches is the job's to check)."""
+    from jobs.store import MANIFEST, StoreError, open_store, run_prefix
+
+    try:
+        store = open_store(job.output, job.endpoint_url)
+        prefix = run_prefix(job.kind, str(job.run_id))
+        if not store.exists(f"{prefix}/{MANIFEST}"):
+            return None
+    except (StoreError, ValueError, OSError) as exc:
+        log.info("could not look for a committed run before submitting (%s); submitting", exc)
+        return None
+    return store.uri_of(prefix)
 
 
 def _row(job: JobSummary) -> str:
@@ -159,10 +183,9 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(job.to_dict(), indent=2))
     else:
-        print(f"{job.job_id} {job.status}")
-        for key, value in job.to_dict().items():
-            if key not in ("job_id", "status", "metadata") and value is not None:
-                print(f"  {key}: {value}")
+        print(f"{job.job_id} {job.status}")  # one line, for scripts; --json has the rest
+        if job.status in ("FAILED", "STOPPED") and job.message:
+            print(f"zfatlas: {job.message.strip().splitlines()[-1]}", file=sys.stderr)
     return EXIT_FAILED if job.status in ("FAILED", "STOPPED") else 0
 
 

@@ -300,13 +300,14 @@ class RunWriter:
                 self.lease.release()
             return
         first_line = (str(exc).splitlines() or [""])[0]
-        log.warning("run %s/%s failed before commit (%s: %s); not committed", self.kind, self.run_id,
+        # INFO: whoever ran the job reports its failure (the CLI in one line); this is the log's.
+        log.info("run %s/%s failed before commit (%s: %s); not committed", self.kind, self.run_id,
                     type(exc).__name__, first_line)
         try:
             if self.lease is not None and self.lease.lost:
                 return  # another writer owns the run: its files are not ours to remove
             if self.resumable:
-                log.warning("the files of this attempt are kept for the next one to resume from: %s "
+                log.info("the files of this attempt are kept for the next one to resume from: %s "
                             "(remove them to start over)", self.uri)
                 return
             try:

@@ -79,37 +79,65 @@ def _gpu_workers_have_cuda(cluster: str, gpus: float, cpus: float) -> bool:
     return ray.get(_cuda_available.options(num_gpus=gpus, num_cpus=cpus).remote())
 
 
-def follow_progress(run: RunWriter, epochs: int, first: int, done: threading.Event) -> None:
-    """A progress bar of finished epochs, from the ``progress.json`` rank 0 writes after each."""
-    bar = tqdm(total=epochs, initial=first, unit="epoch", desc="train")
-    seen = first
-    while not done.wait(2.0):
+class EpochProgress:
+    """A progress bar of finished epochs with its ETA, from the ``progress.json`` rank 0 writes
+    after each; :meth:`poll` reads it (cheap: one small object)."""
+
+    def __init__(self, run: RunWriter, epochs: int, first: int) -> None:
+        self.run = run
+        self.seen = first
+        self.bar = tqdm(total=epochs, initial=first, unit="epoch", desc="train", dynamic_ncols=True)
+        self.bar.set_postfix_str("starting the workers" if first == 0 else f"resumed after epoch {first}")
+
+    def poll(self) -> None:
         try:
-            progress = run.store.get_json(run.key(PROGRESS))
+            progress = self.run.store.get_json(self.run.key(PROGRESS))
         except (StoreError, ValueError):  # not written yet, or a transient read error
-            continue
-        if progress["epoch"] > seen:
-            bar.update(progress["epoch"] - seen)
-            seen = progress["epoch"]
+            return
+        if progress["epoch"] > self.seen:
+            self.bar.update(progress["epoch"] - self.seen)
+            self.seen = progress["epoch"]
             val = progress.get("val_top1_error")
-            bar.set_postfix(loss=f"{progress['train_loss']:.3f}",
-                            val_err="-" if val is None else f"{val:.3f}",
-                            img_s=f"{progress['images_per_s']:.0f}")
-    bar.close()
+            self.bar.set_postfix(loss=f"{progress['train_loss']:.3f}",
+                                 val_err="-" if val is None else f"{val:.3f}",
+                                 img_s=f"{progress['images_per_s']:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _fit(trainer: TorchTrainer, run: RunWriter, epochs: int, first: int, quiet: bool) -> dict[str, Any]:
-    """``trainer.fit()``, with the progress bar unless ``quiet``; rank 0's summary."""
-    done = threading.Event()
-    progress = threading.Thread(target=follow_progress, args=(run, epochs, first, done), daemon=True)
-    if not quiet:
-        progress.start()
+    """``trainer.fit()``, with the progress bar unless ``quiet``; rank 0's summary.
+
+    fit runs in a thread of its own while this one follows the progress, so that Ctrl-C reaches
+    the caller as KeyboardInterrupt: called on the main thread, Ray Train 2.60 installs a SIGINT
+    handler that aborts the run and exits the process with status 0 (and stays installed after
+    fit). Interrupted, the run unwinds like any failed one (the runner keeps a training run's
+    checkpoints, which the next run of the spec resumes from); the Ray Train workers end with the
+    driver process.
+    """
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="zfatlas-train-fit", daemon=True)
+    progress = None if quiet else EpochProgress(run, epochs, first)
+    thread.start()
     try:
-        summary = trainer.fit().return_value
+        while thread.is_alive():
+            thread.join(timeout=2.0)
+            if progress is not None:
+                progress.poll()
     finally:
-        done.set()
-        if progress.is_alive():
-            progress.join(timeout=10)
+        if progress is not None:
+            progress.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    summary = outcome["result"].return_value
     if not summary:
         raise RuntimeError("training finished without a summary from rank 0")
     return summary
