@@ -87,20 +87,24 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def plain_scan(args: argparse.Namespace, images: int) -> tuple[float, dict]:
-    """The scan as one process would write it with zfcore alone: read, normalize, forward, track.
+    """The scan as one process would write it without Ray: read (the same prefetcher as the
+    workers: the next batch decoded in threads during the forward), normalize, forward, track.
     Returns (seconds, the top-k results)."""
+    from jobs.datasets import Prefetcher
     from jobs.runtime.device import to_device
 
     spec = parse_spec(spec_dict(args, images, "/tmp", False, "x"))
     dev = device()
     model = load_model(args)
     source = open_dataset(spec.dataset, spec.preprocess)
+    prefetcher = Prefetcher(source, args.threads)
     start = time.perf_counter()
 
     def batches():
         for shard in shard_ranges(len(source), args.shard):
-            for i in range(shard.start, shard.stop, args.batch):
-                b = source.read(range(i, min(i + args.batch, shard.stop)))
+            steps = range(shard.start, shard.stop, args.batch)
+            chunks = [range(i, min(i + args.batch, shard.stop)) for i in steps]
+            for b in prefetcher.batches(chunks):
                 yield to_device(b.images, dev, spec.preprocess), torch.from_numpy(b.indices).to(dev)
 
     results = scan_batches(model, batches(), CONV, spec.k).results()

@@ -3,8 +3,8 @@
 (a) decode only: images/s of ``decode_image`` (PIL, JPEG draft mode, short side ``--resize``,
     center crop ``--image-size``) over bytes already in memory, 1 thread and ``--cpus`` threads;
 (b) one atlas worker with ``--cpus`` CPUs (``AtlasScanner`` built directly, no Ray) scanning the
-    same images as an ImageFolder and as WebDataset shards: the scanner as it is, and with the
-    prefetcher wired as proposed (decode in ``--cpus`` threads, next batch read during the
+    same images as an ImageFolder and as WebDataset shards: with sequential reads (the scanner
+    before the prefetcher) and as it is (decode in ``--cpus`` threads, next batch read during the
     forward); each as a ratio to (a) at the same cores (target >= 0.9), beside the plain forward
     rate and the ceiling the two imply when they share the same cores;
 (c) the same images on S3 (moto on loopback, requests counted at its HTTP layer): ImageFolder vs
@@ -44,11 +44,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from jobs.atlas.scanner import AtlasScanner  # noqa: E402
-from jobs.datasets import ImageSource, Prefetcher, open_dataset, prefetch  # noqa: E402
+from jobs.datasets import ImageSource, open_dataset, prefetch  # noqa: E402
 from jobs.datasets.decode import decode_image  # noqa: E402
 from jobs.datasets.pack import pack  # noqa: E402
 from jobs.kinds import parse_spec  # noqa: E402
-from jobs.runtime.device import to_device, torch_threads  # noqa: E402
+from jobs.runtime.device import to_device  # noqa: E402
 from jobs.specs.base import DatasetSpec  # noqa: E402
 from zfcore.scan import scan_batches  # noqa: E402
 
@@ -147,18 +147,14 @@ def decode_rate(datas: list[bytes], threads: int, size: int, resize: int | None)
 # --- (b) one atlas worker -----------------------------------------------------------------------
 
 
-class PrefetchingScanner(AtlasScanner):
-    """The scanner with the proposed change to ``AtlasScanner._batches``: batches read by the
-    prefetcher (decode in ``cpus_per_worker`` threads, one batch ahead). Remove when it is wired."""
-
-    def __init__(self, spec: Any, run: Any, num_cpus: float) -> None:
-        super().__init__(spec, run, num_cpus)
-        self.prefetcher = Prefetcher(self.source, torch_threads(num_cpus))
+class SequentialScanner(AtlasScanner):
+    """The scanner as it was before the prefetcher: each batch read and decoded in the worker's
+    thread, in turn with the forward pass (the "before" of (b))."""
 
     def _batches(self, indices: list[int], stats: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bs = self.spec.resources.batch_size
-        chunks = [indices[i : i + bs] for i in range(0, len(indices), bs)]
-        for batch in self.prefetcher.batches(chunks):
+        for i in range(0, len(indices), bs):
+            batch = self.source.read(indices[i : i + bs])
             stats["skipped"].extend(batch.skipped)
             stats["images"] += len(batch.indices)
             if len(batch.indices):
@@ -358,7 +354,7 @@ def main() -> None:
             fwd = None
             for fmt, uri in (("imagefolder", folder), ("webdataset", wds)):
                 spec = atlas_spec(args, {"format": fmt, "uri": str(uri)}, out)
-                kinds = (("scanner as it is", AtlasScanner), ("with prefetcher", PrefetchingScanner))
+                kinds = (("sequential reads", SequentialScanner), ("with prefetcher", AtlasScanner))
                 for label, cls in kinds:
                     scanner = cls(spec, None, args.cpus)
                     fwd = fwd or forward_rate(scanner)

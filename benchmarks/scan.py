@@ -9,6 +9,7 @@ noise cancels. Runs unchanged on a GPU (channels-last there).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -81,6 +82,9 @@ def main() -> None:
         times["scan"].append(timed(scan, device))
     med = {k: statistics.median(v) for k, v in times.items()}
     n_img = args.batch * args.batches
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}"
+          + ("" if load[0] < 1 else " (NOT QUIET: the ratios below are not quotable)"))
     print(f"device={device} variant={args.variant} images={n_img} ({size}px) repeats={args.repeats}")
     print(f"plain forward (whole net)   {n_img / med['plain']:8.1f} images/s")
     print(f"forward to conv5 only       {n_img / med['features']:8.1f} images/s")
