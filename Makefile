@@ -35,8 +35,10 @@ test: $(STAMP) browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
+# Every benchmark, one after another (never beside other work: they print the load average and
+# mark ratios taken above load 1 as not quotable). decode.py makes 5,000 JPEGs on its first run.
 bench: $(STAMP)
-	for b in scan atlas occlusion train; do $(BIN)/python benchmarks/$$b.py || exit 1; done
+	for b in scan atlas occlusion train s3_write decode any_cnn; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

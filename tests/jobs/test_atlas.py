@@ -190,8 +190,8 @@ def assert_one_channel_reads_one_row_group(store, run_id: str, layer: str) -> No
     assert counter.bytes_read < size / 2, (counter.bytes_read, size)
     counter.reset()
     reader.png(layer, far, "projection_grid")  # warm: the last row group's column chunks only
-    images = {path: n for path, n in counter.bytes_by_path.items() if path.endswith(f"images/{layer}.parquet")}
-    [image_bytes] = images.values()
+    table = f"images/{layer}.parquet"
+    [image_bytes] = [n for path, n in counter.bytes_by_path.items() if path.endswith(table)]
     assert 0 < image_bytes <= group_bytes + 1024, (counter.bytes_by_path, group_bytes)
     assert image_bytes < size / meta.num_row_groups * 2
 
