@@ -151,7 +151,9 @@ class SequentialScanner(AtlasScanner):
     """The scanner as it was before the prefetcher: each batch read and decoded in the worker's
     thread, in turn with the forward pass (the "before" of (b))."""
 
-    def _batches(self, indices: list[int], stats: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(
+        self, indices: list[int], stats: dict, tracker: Any = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bs = self.spec.resources.batch_size
         for i in range(0, len(indices), bs):
             batch = self.source.read(indices[i : i + bs])

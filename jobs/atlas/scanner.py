@@ -19,6 +19,7 @@ import torch
 
 from jobs.atlas.spec import AtlasSpec
 from jobs.atlas.tables import IMAGES_SCHEMA, PROJECTIONS_SCHEMA
+from jobs.atlas.winners import WinnerImages, tracked_images
 from jobs.datasets import Prefetcher, open_dataset
 from jobs.networks import load_model
 from jobs.rendering.images import display, thumbnail
@@ -87,26 +88,44 @@ class AtlasScanner:
         self.prefetcher = Prefetcher(self.source, torch_threads(num_cpus))
         self.shapes = layer_shapes(self.network, spec.layers, self.image_size)
         self.autocast = torch.bfloat16 if spec.precision == "bf16" else None
+        # The winners' decoded images, kept from the scan for the projections (CPU-decoded only:
+        # images decoded on the GPU are read again).
+        keep = spec.project and self.prefetcher.decode_device is None
+        self.winners = WinnerImages() if keep else None
+        self._scanned: TopKTracker | None = None  # every shard this worker scanned, merged
 
-    def _batches(self, indices: list[int], stats: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(
+        self, indices: list[int], stats: dict, tracker: TopKTracker | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bs = self.spec.resources.batch_size
         chunks = [indices[i : i + bs] for i in range(0, len(indices), bs)]
+        earlier = tracked_images(self._scanned) if self._scanned is not None and self.winners else set()
         for batch in self.prefetcher.batches(chunks):
             stats["skipped"].extend(batch.skipped)
             stats["images"] += len(batch.indices)
             if len(batch.indices):
                 x = to_device(batch.images, self.device, self.preprocess)
                 yield x, torch.from_numpy(batch.indices).to(self.device)
+                # Back here, the tracker has taken this batch in.
+                if self.winners is not None and tracker is not None:
+                    held = tracked_images(tracker) | earlier
+                    self.winners.keep_only(held)
+                    self.winners.offer(batch, held)
 
     def scan(self, shard: range) -> dict[str, Any]:
         start = time.perf_counter()
         stats: dict[str, Any] = {"images": 0, "skipped": []}
         tracker = TopKTracker(self.shapes, self.spec.k, self.device)
-        scan_batches(self.network, self._batches(list(shard), stats), self.spec.layers, self.spec.k,
-                     tracker, self.autocast)
+        scan_batches(self.network, self._batches(list(shard), stats, tracker), self.spec.layers,
+                     self.spec.k, tracker, self.autocast)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return {**stats, "state": tracker.state_dict(), "seconds": time.perf_counter() - start}
+        state = tracker.state_dict()
+        if self.winners is not None:
+            mine = TopKTracker.from_state_dict(state, self.device)
+            self._scanned = mine if self._scanned is None else self._scanned.merge(mine)
+            self.winners.keep_only(tracked_images(self._scanned))
+        return {**stats, "state": state, "seconds": time.perf_counter() - start}
 
     def _row(self, layer: str, item: tuple, activation: float, label: int, box: Any) -> dict:
         channel, rank, index, y, x = item[:5]
@@ -135,29 +154,41 @@ class AtlasScanner:
         layer, items = group["layer"], group["items"]
         spatial = self.network.layers(self.image_size)[layer].spatial
         wanted = sorted({it[2] for it in items})
-        batch = self.prefetcher.read(wanted)
+        if self.winners is not None:
+            batch = self.winners.read(wanted, self.prefetcher.read)
+        else:
+            batch = self.prefetcher.read(wanted)
         found = {int(i): n for n, i in enumerate(batch.indices)}
         usable = [it for it in items if it[2] in found]
         live = [it for it in usable if not it[6]]
         images = to_device(batch.images, self.device, self.preprocess) if len(batch.indices) else None
         values = np.zeros(len(live), np.float32)
-        crops: list[np.ndarray] = []
-        boxes = []
+        crops: list[np.ndarray] = [np.empty(0)] * len(live)
+        boxes: list[Any] = [None] * len(live)
         bs = self.spec.resources.batch_size
-        for i in range(0, len(live), bs):
-            chunk = live[i : i + bs]
+        # Chunks of items taken in image order, each going up with only its own distinct images:
+        # every image goes up about once for the whole group (items of one image share a chunk),
+        # not once per chunk, and a chunk's tape holds at most batch_size images.
+        order = sorted(range(len(live)), key=lambda n: (found[live[n][2]], n))
+        for i in range(0, len(order), bs):
+            chunk = order[i : i + bs]
+            distinct = sorted({found[live[n][2]] for n in chunk})
+            local = {u: j for j, u in enumerate(distinct)}
             out = project_windows(
-                self.network, images, layer, [found[it[2]] for it in chunk], [it[0] for it in chunk],
-                positions=[(it[3], it[4]) for it in chunk] if spatial else None,
+                self.network, images[distinct], layer, [local[found[live[n][2]]] for n in chunk],
+                [live[n][0] for n in chunk],
+                positions=[(live[n][3], live[n][4]) for n in chunk] if spatial else None,
             )
-            values[i : i + len(chunk)] = out.activations.float().cpu().numpy()
+            activations = out.activations.float().cpu().numpy()
             windows = out.windows.float().cpu().numpy()
             offsets = out.offsets.cpu().numpy()
-            for j, it in enumerate(chunk):
+            for j, n in enumerate(chunk):
+                it = live[n]
                 box = receptive_box(self.network, layer, it[3], it[4], self.image_size)
                 top, left = box.top - int(offsets[j, 0]), box.left - int(offsets[j, 1])
-                crops.append(windows[j][:, top : top + box.height, left : left + box.width])
-                boxes.append(box)
+                values[n] = activations[j]
+                crops[n] = windows[j][:, top : top + box.height, left : left + box.width]
+                boxes[n] = box
 
         rows_out = [
             self._row(layer, it, it[5], int(batch.labels[found[it[2]]]),
