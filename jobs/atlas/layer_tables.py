@@ -36,8 +36,13 @@ class LayerTables:
         self.layer = layer
         self.expected = sorted(parts)
         self.paths = {name: os.path.join(folder, f"{layer}.{name}.parquet") for name, _, _ in _TABLES}
+        # Dictionary encoding only for the layer name: tried on the pixel and projection columns
+        # it finds nothing to share and took twice as long as the rest of the write (0.57 of
+        # 0.89 s for zfnet-small's 3,168 items). Statistics only where a reader looks: the
+        # channel range of each row group is how a one-channel read finds its group.
         self._writers = {
-            name: pq.ParquetWriter(self.paths[name], schema, compression="zstd")
+            name: pq.ParquetWriter(self.paths[name], schema, compression="zstd", use_dictionary=["layer"],
+                                   write_statistics=["layer", "channel", "rank"])
             for name, schema, _ in _TABLES
         }
         self._waiting: dict[int, dict[str, dict[str, list]]] = {}
