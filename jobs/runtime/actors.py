@@ -94,12 +94,9 @@ def run_on_actors(
     items: Iterable[Any],
     on_result: Callable[[Any, Any], None],
     max_retries: int = 3,
-    depth: int = 2,
 ) -> list[Any]:
-    """Run ``call(actor, item)`` for every item, ``depth`` items queued on each actor at a time,
-    handing each result to ``on_result(item, result)`` as it arrives (in completion order).
-    With two queued, an actor starts its next item while the driver takes in the last result
-    (the round trip and ``on_result``), instead of waiting idle for it.
+    """Run ``call(actor, item)`` for every item, one item per idle actor at a time, handing each
+    result to ``on_result(item, result)`` as it arrives (in completion order).
 
     An actor that dies is dropped and its item goes back in the queue for the remaining actors,
     at most ``max_retries`` times per item. Any other error fails the whole run. Returns the
@@ -108,7 +105,7 @@ def run_on_actors(
     fresh = iter(enumerate(items))  # pulled as actors free up: 10^8 shards are never all in memory
     queue: deque[tuple[int, Any]] = deque()  # items to retry, first
     retries: dict[int, int] = {}
-    idle = [actor for _ in range(max(1, depth)) for actor in actors]  # one entry per free slot
+    idle = list(actors)
     running: dict[ray.ObjectRef, tuple[Any, int, Any]] = {}
 
     def next_item() -> tuple[int, Any] | None:
@@ -131,11 +128,10 @@ def run_on_actors(
             if retries[n] > max_retries:
                 raise RuntimeError(f"gave up on {item!r} after {max_retries} retries") from err
             log.warning("worker actor lost (%s); retrying %r elsewhere", type(err).__name__, item)
-            idle[:] = [a for a in idle if a is not actor]  # its other free slots die with it
             queue.append((n, item))
             if todo is None:
                 todo = next_item()
             continue
         idle.append(actor)
         on_result(item, result)
-    return [a for n, a in enumerate(idle) if all(a is not b for b in idle[:n])]  # alive, each once
+    return idle
