@@ -202,7 +202,17 @@ class Network:
         if size not in self._shapes:
             probe = zeros_like_input(self.module, self.preprocess.channels, size)
             with torch.no_grad(), evaluating(self.module):
-                acts = self.features(probe, self.layer_names)
+                try:
+                    acts = self.features(probe, self.layer_names)
+                except RuntimeError:
+                    # Fully connected layers sized for another input (zfnet-small's fc6 at 224 px)
+                    # do not run, but the maps before them do: the layers up to the first that fails.
+                    acts = {}
+                    for name in self.layer_names:
+                        try:
+                            acts.update(self.features(probe, [name]))
+                        except RuntimeError:
+                            break
             self._shapes[size] = {name: _info(name, a) for name, a in acts.items()}
         return self._shapes[size]
 
