@@ -72,7 +72,9 @@ def channel_scale(projections: list[np.ndarray]) -> float:
 class AtlasScanner:
     """Holds the model and the dataset reader; scans shards and projects winners."""
 
-    def __init__(self, spec: AtlasSpec, run: RunWriter, num_cpus: float) -> None:
+    def __init__(
+        self, spec: AtlasSpec, run: RunWriter, num_cpus: float, decode_device: str | None = None
+    ) -> None:
         torch.set_num_threads(torch_threads(num_cpus))
         self.spec = spec
         self.run = run
@@ -84,8 +86,11 @@ class AtlasScanner:
         self.network = as_network(self.model)
         self.image_size = spec.image_size
         self.source = open_dataset(spec.dataset, spec.preprocess, spec.endpoint_url)
-        # Batch i+1 is read and decoded (in threads) while the model computes on batch i.
-        self.prefetcher = Prefetcher(self.source, torch_threads(num_cpus))
+        # Batch i+1 is read and decoded (in threads) while the model computes on batch i. On CUDA
+        # the JPEGs are decoded on the GPU, batched (other formats, and sources without encoded
+        # bytes, on the CPU as everywhere else).
+        self.prefetcher = Prefetcher(self.source, torch_threads(num_cpus),
+                                     decode_device=decode_device or self._decode_device())
         self.shapes = layer_shapes(self.network, spec.layers, self.image_size)
         self.autocast = torch.bfloat16 if spec.precision == "bf16" else None
         # The winners' decoded images, kept from the scan for the projections (CPU-decoded only:
@@ -93,6 +98,9 @@ class AtlasScanner:
         keep = spec.project and self.prefetcher.decode_device is None
         self.winners = WinnerImages() if keep else None
         self._scanned: TopKTracker | None = None  # every shard this worker scanned, merged
+
+    def _decode_device(self) -> torch.device | None:
+        return self.device if self.device.type == "cuda" else None
 
     def _batches(
         self, indices: list[int], stats: dict, tracker: TopKTracker | None = None
@@ -160,6 +168,8 @@ class AtlasScanner:
             batch = self.prefetcher.read(wanted)
         found = {int(i): n for n, i in enumerate(batch.indices)}
         usable = [it for it in items if it[2] in found]
+        # Patches are cut on the host (decoded on the device, the images are a tensor there).
+        pixels = batch.images.cpu().numpy() if isinstance(batch.images, torch.Tensor) else batch.images
         live = [it for it in usable if not it[6]]
         images = to_device(batch.images, self.device, self.preprocess) if len(batch.indices) else None
         values = np.zeros(len(live), np.float32)
@@ -209,7 +219,7 @@ class AtlasScanner:
             shown = []
             for n in members:
                 it, box, proj = live[n], boxes[n], crops[n]
-                image = batch.images[found[it[2]]]
+                image = pixels[found[it[2]]]
                 patch = np.ascontiguousarray(
                     image[box.top : box.top + box.height, box.left : box.left + box.width]
                 )

@@ -189,3 +189,47 @@ def test_s3_imagefolder_prefetched_equals_plain(s3_endpoint: str, s3_bucket: str
     plain = [source.read(b) for b in BATCHES]
     for a, b in zip(prefetch(source, BATCHES, 3), plain, strict=True):
         _same(a, b)
+
+
+def test_the_scanner_decodes_jpegs_on_the_device_and_projects_from_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scanner's GPU decode path, run on the CPU: batches come as tensors from the device
+    decoder, the scan and the projections take them as they are, and the winners match the CPU
+    decoder's closely (another decoder and resampler: close, not equal)."""
+    from jobs.atlas.scanner import AtlasScanner, projection_groups
+    from jobs.datasets import device_decode
+    from jobs.kinds import parse_spec
+    from jobs.store import begin_run, open_store
+    from zfcore.topk import TopKTracker
+
+    _sources(tmp_path)
+    spec = parse_spec({
+        "kind": "atlas", "name": "dev", "run_id": "dev", "model": {"arch": "zfnet-small"},
+        "dataset": {"format": "imagefolder", "uri": str(tmp_path / "folder")}, "layers": ["conv1", "conv2"],
+        "k": 2, "output": str(tmp_path / "store"), "resources": {"workers": 1, "batch_size": 4},
+    })
+    calls = []
+    real = device_decode.read_on_device
+    monkeypatch.setattr(device_decode, "read_on_device", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    results = {}
+    for device in ("cpu", None):
+        run = begin_run(open_store(str(tmp_path / f"store-{device}")), "atlas", "dev")
+        with run:
+            scanner = AtlasScanner(spec, run, 1, decode_device=device)
+            assert (scanner.prefetcher.decode_device is not None) == (device is not None)
+            assert (scanner.winners is None) == (device is not None)  # device images are read again
+            out = scanner.scan(range(N))
+            top = TopKTracker.from_state_dict(out["state"]).results()
+            groups = projection_groups(top, spec.layers, 2)
+            made = [scanner.project(g) for g in groups]
+            results[device] = (out["images"], top, made)
+            scanner.prefetcher.close()
+    assert calls  # the device path decoded the scan's and the projections' batches
+    (n_dev, top_dev, made_dev), (n_cpu, top_cpu, made_cpu) = results["cpu"], results[None]
+    assert n_dev == n_cpu == N - 1  # the truncated image skipped on both paths
+    for layer in spec.layers:
+        assert torch.allclose(top_dev[layer].values, top_cpu[layer].values, rtol=0.1, atol=0.1)
+    rows = [r for m in made_dev for r in m["tables"]["images"]["patch"]]
+    assert rows and all(isinstance(p, bytes) and p for p in rows)
+    assert len(rows) == sum(len(m["tables"]["images"]["patch"]) for m in made_cpu)
