@@ -163,6 +163,10 @@ def layer_infos(config: ZFNetConfig, image_size: int | None = None) -> list[Laye
     """The scannable layers of a config, from the config alone (no network is built)."""
     sides = feature_map_sizes(config, image_size)
     convs = [LayerInfo(s.name, s.out_channels, sides[s.name], sides[s.name], True) for s in config.conv]
+    last = config.conv[-1].name
+    if image_size is not None and sides[last] != feature_map_sizes(config)[last]:
+        # fc6 is sized for the config's own input: at another size only the conv layers run.
+        return convs
     fcs = [LayerInfo(n, width, 1, 1, False) for n, width in zip(config.fc_names, config.fc, strict=True)]
     return convs + fcs
 

@@ -92,6 +92,10 @@ BAD_SPECS = [
     ("run id with the lease suffix", {"run_id": "nightly.lease"}, "run_id"),
     ("run id with the temp suffix", {"run_id": "x.zfatlas-tmp"}, "run_id"),
     ("image_size too small", {"layers": ["conv5"], "dataset": {"image_size": 16}}, "dataset.image_size"),
+    # zfnet-small's fc6 is sized for 64 px: at 224 only its conv layers exist.
+    ("fc layer at a size it does not fit",
+     {"model": {"arch": "zfnet-small", "preprocess": {"image_size": 224, "resize": 256}}, "layers": ["fc6"]},
+     "layers.0"),
 ]
 
 
