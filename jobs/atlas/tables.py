@@ -15,21 +15,26 @@ FEATURES = "features.parquet"
 #:    group per few channels, + one summary PNG: a handful of objects, every image addressable.
 FORMAT = 2
 
+# One row per (layer, channel, rank): the winner, where it is in its map and its receptive box.
+_FEATURE_FIELDS = [
+    pa.field("layer", pa.string(), nullable=False),
+    pa.field("channel", pa.int32(), nullable=False),
+    pa.field("rank", pa.int8(), nullable=False),
+    pa.field("activation", pa.float32(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("image_index", pa.int64(), nullable=False),
+    pa.field("label", pa.int32(), nullable=False),
+    pa.field("y", pa.int32(), nullable=False),
+    pa.field("x", pa.int32(), nullable=False),
+    pa.field("box_top", pa.int32(), nullable=False),
+    pa.field("box_left", pa.int32(), nullable=False),
+    pa.field("box_height", pa.int32(), nullable=False),
+    pa.field("box_width", pa.int32(), nullable=False),
+]
+
 FEATURES_SCHEMA = pa.schema(
     [
-        pa.field("layer", pa.string(), nullable=False),
-        pa.field("channel", pa.int32(), nullable=False),
-        pa.field("rank", pa.int8(), nullable=False),
-        pa.field("activation", pa.float32(), nullable=False),
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("image_index", pa.int64(), nullable=False),
-        pa.field("label", pa.int32(), nullable=False),
-        pa.field("y", pa.int32(), nullable=False),
-        pa.field("x", pa.int32(), nullable=False),
-        pa.field("box_top", pa.int32(), nullable=False),
-        pa.field("box_left", pa.int32(), nullable=False),
-        pa.field("box_height", pa.int32(), nullable=False),
-        pa.field("box_width", pa.int32(), nullable=False),
+        *_FEATURE_FIELDS,
         # The channel never fired (its strongest activation is not positive): it has one row,
         # rank 0, and no images.
         pa.field("dead", pa.bool_(), nullable=False),
@@ -39,19 +44,7 @@ FEATURES_SCHEMA = pa.schema(
 #: features.parquet of format 1 (atlases before 0.2): PNG files named by the *_key columns.
 FEATURES_SCHEMA_V1 = pa.schema(
     [
-        pa.field("layer", pa.string(), nullable=False),
-        pa.field("channel", pa.int32(), nullable=False),
-        pa.field("rank", pa.int8(), nullable=False),
-        pa.field("activation", pa.float32(), nullable=False),
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("image_index", pa.int64(), nullable=False),
-        pa.field("label", pa.int32(), nullable=False),
-        pa.field("y", pa.int32(), nullable=False),
-        pa.field("x", pa.int32(), nullable=False),
-        pa.field("box_top", pa.int32(), nullable=False),
-        pa.field("box_left", pa.int32(), nullable=False),
-        pa.field("box_height", pa.int32(), nullable=False),
-        pa.field("box_width", pa.int32(), nullable=False),
+        *_FEATURE_FIELDS,
         pa.field("patch_key", pa.string(), nullable=False),
         pa.field("projection_key", pa.string(), nullable=False),
         pa.field("patch_grid_key", pa.string(), nullable=False),
