@@ -142,6 +142,10 @@ class WindowedPrefix:
         ry, rx = layer.reach
         out_h, out_w = layer.base_out.shape[2:]
         (n_y, n_x), (w_y, w_x) = values.shape[2:], layer.window
+        if all(r.span == r.stride == 1 and r.pad == 0 for r in (ry, rx)) and (n_y, n_x) == (w_y, w_x):
+            # A pointwise op (ReLU, LRN, eval BatchNorm): its changed window is the op of the
+            # changed input, where it is; no crop of the unoccluded map is needed.
+            return _apply(layer.module, values), starts
         o_y = [min(_first(a, ry), out_h - w_y) for a in starts[0]]
         o_x = [min(_first(a, rx), out_w - w_x) for a in starts[1]]
         crop_h = (w_y - 1) * ry.stride + ry.span
