@@ -10,7 +10,9 @@
 (c) the same images on S3 (moto on loopback, requests counted at its HTTP layer): ImageFolder vs
     WebDataset, opening (list, index) and reading everything: requests and seconds;
 (d) Ray Data as the decode stage (``read_binary_files`` + ``map_batches`` decode on a local Ray of
-    ``--cpus`` CPUs) vs the prefetcher reading and decoding the same ImageFolder.
+    ``--cpus`` CPUs) vs the prefetcher reading and decoding the same ImageFolder;
+(e) the atlas job's scan on a real two-node Ray cluster on loopback (half the CPUs per node, one
+    worker each) over the WebDataset shards, vs the decode-only rate at the same cores.
 
     .venv/bin/python benchmarks/decode.py [--images 5000] [--cpus 2] [--variant zfnet-small]
         [--image-size 224] [--resize 256] [--batch 64] [--skip c,d]
@@ -323,7 +325,7 @@ def main() -> None:
     p.add_argument("--shard", type=int, default=500, help="images per unit of work (the spec's shard_size)")
     p.add_argument("--tar-size", type=int, default=1000, help="images per WebDataset shard")
     p.add_argument("--repeat", type=int, default=1, help="measure each rate this many times (median)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: b, c, d")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: b, c, d, e")
     cache = Path(tempfile.gettempdir()) / f"zfatlas-bench-decode-v{CACHE_VERSION}"
     p.add_argument("--cache", default=str(cache), help="where the generated images are kept")
     args = p.parse_args()
@@ -372,6 +374,48 @@ def main() -> None:
         s3_figures(args, folder, wds, load)
     if "d" not in skip:
         ray_data_figures(args, folder, load)
+    if "e" not in skip:
+        two_node_figures(args, wds, many, load)
+
+
+def two_node_figures(args: argparse.Namespace, wds: Path, decode_only: float, load: Load) -> None:
+    """(e) The atlas job's scan on a real two-node Ray cluster on loopback (``ray.cluster_utils``:
+    a head and a second raylet of ``--cpus // 2`` CPUs each), one worker per node, against the
+    decode-only rate at the same total cores."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from jobs.runner import run_spec
+
+    per_node = max(1, args.cpus // 2)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": per_node, "include_dashboard": False})
+    cluster.add_node(num_cpus=per_node)
+    cluster.wait_for_nodes()
+    saved = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = cluster.address
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            spec = parse_spec({
+                "kind": "atlas", "name": "decode-bench-2n", "run_id": "decode-bench-2n",
+                "model": {"arch": args.variant, "preprocess": {"image_size": args.image_size,
+                                                              "resize": args.resize}},
+                "dataset": {"format": "webdataset", "uri": str(wds)}, "output": out, "project": False,
+                "shard_size": args.shard,
+                "resources": {"workers": 2, "cpus_per_worker": per_node, "batch_size": args.batch},
+            })
+            manifest = run_spec(spec, quiet=True)
+        t = manifest["timings"]
+        rate = t["throughput_images_per_s"]
+        print(f"(e) two-node loopback cluster ({per_node} CPU each), 2 workers, webdataset: scan "
+              f"{rate:7.1f} img/s (start-up {t['startup_s']:.1f}s apart) -> ratio to decode-only at "
+              f"{2 * per_node} cores {rate / decode_only:.3f}{load.mark()}")
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = saved
 
 
 if __name__ == "__main__":
