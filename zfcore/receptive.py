@@ -195,8 +195,9 @@ def geometries(model: nn.Module | Network, image_size: int | None = None) -> dic
     if size not in per_size:
         x = zeros_like_input(network.module, network.preprocess.channels, size)
         setattr(x, _ATTR, IDENTITY)
+        runnable = list(network.layers(size))  # fc layers sized for another input do not run
         with torch.no_grad(), evaluating(network), _GeometryTracer():
-            acts = network.features(x, network.layer_names)
+            acts = network.features(x, runnable)
         per_size[size] = {name: getattr(a, _ATTR, WHOLE) for name, a in acts.items()}
     return per_size[size]
 

@@ -63,3 +63,14 @@ def test_crop_layouts():
     assert crop(img, Box(2, 3, 4, 5)).shape == (4, 5, 3)
     t = torch.zeros(3, 10, 10)
     assert crop(t, Box(2, 3, 4, 5)).shape == (3, 4, 5)
+
+
+def test_a_net_whose_fc_layers_fit_one_size_has_its_conv_fields_at_any_size():
+    # zfnet-small's fc6 is sized for 64 px; at 224 px its conv layers still run and have fields.
+    from zfcore.network import as_network
+
+    network = as_network(build("zfnet-small").eval())
+    assert list(network.layers(224)) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert "fc6" in network.layers(64)
+    box = receptive_box(network, "conv5", 6, 6, 224)
+    assert box.height == box.width and 64 < box.height < 224
