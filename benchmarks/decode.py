@@ -405,7 +405,7 @@ def two_node_figures(args: argparse.Namespace, wds: Path, decode_only: float, lo
             })
             manifest = run_spec(spec, quiet=True)
         t = manifest["timings"]
-        rate = t["throughput_images_per_s"]
+        rate = manifest["throughput_images_per_s"]
         print(f"(e) two-node loopback cluster ({per_node} CPU each), 2 workers, webdataset: scan "
               f"{rate:7.1f} img/s (start-up {t['startup_s']:.1f}s apart) -> ratio to decode-only at "
               f"{2 * per_node} cores {rate / decode_only:.3f}{load.mark()}")
