@@ -12,6 +12,16 @@ import argparse
 from zfatlas_cli.failures import EXIT_BAD_INPUT, fail, fail_with
 
 
+def _failed(exc: Exception, verbose: int) -> int:
+    """A failure as the command's one line: bad input (a ValueError that is no store failure)
+    exits 2, anything else 1 (with the traceback under ``-v``)."""
+    from jobs.store import StoreError
+
+    if isinstance(exc, ValueError) and not isinstance(exc, StoreError):
+        return fail(str(exc), EXIT_BAD_INPUT)
+    return fail_with(exc, verbose)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser("dataset", help="pack a dataset into WebDataset shards or Parquet; index shards")
     commands = group.add_subparsers(dest="dataset_command", required=True, metavar="COMMAND")
@@ -79,7 +89,6 @@ def pack_command(args: argparse.Namespace) -> int:
     from jobs.datasets.pack import pack
     from jobs.specs.base import DatasetSpec
     from jobs.specs.loading import format_error
-    from jobs.store import StoreError
     from jobs.uris import parse_uri
 
     if args.shard_size < 1:
@@ -100,12 +109,8 @@ def pack_command(args: argparse.Namespace) -> int:
         source = open_dataset(spec, 16, args.endpoint_url)
         result = pack(source, args.out, args.format, shard_size=args.shard_size,
                       endpoint_url=args.endpoint_url, overwrite=args.overwrite)
-    except StoreError as exc:
-        return fail_with(exc, args.verbose)
-    except ValueError as exc:
-        return fail(str(exc), EXIT_BAD_INPUT)
     except Exception as exc:
-        return fail_with(exc, args.verbose)
+        return _failed(exc, args.verbose)
     files = sum(1 for k in result.keys if not k.endswith(".zfatlas-index"))
     print(f"packed {result.images} images ({result.bytes / 2**20:.1f} MiB) into {files} {args.format} "
           f"files at {args.out} in {result.seconds:.1f}s")
@@ -118,17 +123,12 @@ def pack_command(args: argparse.Namespace) -> int:
 
 def index_command(args: argparse.Namespace) -> int:
     from jobs.datasets.webdataset import write_sidecars
-    from jobs.store import StoreError
 
     _trust(args.endpoint_url)
     try:
         written = write_sidecars(args.uri, args.endpoint_url, args.label_column, args.id_column,
                                  force=args.force)
-    except StoreError as exc:
-        return fail_with(exc, args.verbose)
-    except ValueError as exc:
-        return fail(str(exc), EXIT_BAD_INPUT)
     except Exception as exc:
-        return fail_with(exc, args.verbose)
+        return _failed(exc, args.verbose)
     print(f"wrote {len(written)} index sidecars at {args.uri}")
     return 0
