@@ -50,7 +50,7 @@ class _CurrentStderr(logging.StreamHandler):
 
     @stream.setter
     def stream(self, value: Any) -> None:
-        pass
+        """Ignored: StreamHandler sets it once; the record goes to the current ``sys.stderr``."""
 
 
 class PlainFormatter(logging.Formatter):

@@ -76,17 +76,24 @@ def to_eight_bits(img: Image.Image) -> Image.Image:
     return Image.fromarray(scaled, mode="L")
 
 
-def fit_image(img: Image.Image, size: int, resize: int | None = None) -> np.ndarray:
-    """Resize the short side of ``img`` to ``resize`` (default ``size``) and crop the center
-    ``size`` square, as uint8 RGB."""
-    img = to_eight_bits(img).convert("RGB")
-    w, h = img.size
+def fit_geometry(w: int, h: int, size: int, resize: int | None = None) -> tuple[int, int, int, int]:
+    """Where an image of ``w`` x ``h`` goes: (new width, new height, left, top) for its short side
+    resized to ``resize`` (default ``size``) and the center ``size`` square cut. One geometry for
+    the CPU decoder and the device one (:mod:`jobs.datasets.device_decode`)."""
     if w < 1 or h < 1:
         raise ValueError("empty image")
     short = max(resize or size, size)
     scale = short / min(w, h)
     nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
+def fit_image(img: Image.Image, size: int, resize: int | None = None) -> np.ndarray:
+    """Resize the short side of ``img`` to ``resize`` (default ``size``) and crop the center
+    ``size`` square, as uint8 RGB."""
+    img = to_eight_bits(img).convert("RGB")
+    w, h = img.size
+    nw, nh, left, top = fit_geometry(w, h, size, resize)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)

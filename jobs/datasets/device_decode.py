@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs.datasets.base import Batch, Encoded, ImageSource, decode_items
+from jobs.datasets.decode import fit_geometry
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +36,11 @@ def fit_tensor(image: torch.Tensor, size: int, resize: int | None = None) -> tor
     """(3, H, W) uint8 -> (size, size, 3) uint8 with :func:`jobs.datasets.decode.fit_image`'s
     geometry: short side to ``resize`` (default ``size``), center square of ``size``."""
     h, w = int(image.shape[1]), int(image.shape[2])
-    if w < 1 or h < 1:
-        raise ValueError("empty image")
-    short = max(resize or size, size)
-    scale = short / min(w, h)
-    nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
+    nw, nh, left, top = fit_geometry(w, h, size, resize)
     if (nw, nh) != (w, h):
         resized = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True,
                                 align_corners=False)
         image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
-    left, top = (nw - size) // 2, (nh - size) // 2
     return image[:, top : top + size, left : left + size].permute(1, 2, 0)
 
 

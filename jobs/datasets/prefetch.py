@@ -97,8 +97,9 @@ class Prefetcher:
             submit()
             while pending:
                 batch = pending.popleft().result()
-                while len(pending) < self.lookahead and submit():
-                    pass
+                while len(pending) < self.lookahead:  # keep `lookahead` batches reading
+                    if not submit():
+                        break
                 yield batch
         finally:
             # Abandoned early (an error in the caller): nothing may still be reading the source
