@@ -25,7 +25,11 @@ from jobs.store.encoding import conform
 
 log = logging.getLogger(__name__)
 
-_TABLES = (("images", IMAGES_SCHEMA, images_key), ("projections", PROJECTIONS_SCHEMA, projections_key))
+# name, schema, key, compression. The raw float projections are not compressed: zstd made them
+# 7% smaller (111 -> 103 MB for zfnet-small's 3,168 items) at twice the write time (0.25 vs
+# 0.13 s); the pixels compress by a fifth (56 -> 44 MB) for 0.07 s.
+_TABLES = (("images", IMAGES_SCHEMA, images_key, "zstd"),
+           ("projections", PROJECTIONS_SCHEMA, projections_key, "none"))
 
 
 class LayerTables:
@@ -35,28 +39,26 @@ class LayerTables:
     def __init__(self, layer: str, parts: Iterable[int], folder: str) -> None:
         self.layer = layer
         self.expected = sorted(parts)
-        self.paths = {name: os.path.join(folder, f"{layer}.{name}.parquet") for name, _, _ in _TABLES}
+        self.paths = {name: os.path.join(folder, f"{layer}.{name}.parquet") for name, *_ in _TABLES}
         # Dictionary encoding only for the layer name: tried on the pixel and projection columns
         # it finds nothing to share and took twice as long as the rest of the write (0.57 of
         # 0.89 s for zfnet-small's 3,168 items). Statistics only where a reader looks: the
         # channel range of each row group is how a one-channel read finds its group.
         self._writers = {
-            name: pq.ParquetWriter(self.paths[name], schema, compression="zstd", use_dictionary=["layer"],
+            name: pq.ParquetWriter(self.paths[name], schema, compression=codec, use_dictionary=["layer"],
                                    write_statistics=["layer", "channel", "rank"])
-            for name, schema, _ in _TABLES
+            for name, schema, _, codec in _TABLES
         }
-        self._waiting: dict[int, dict[str, dict[str, list]]] = {}
+        self._waiting: dict[int, dict[str, pa.Table]] = {}
         self._next = 0  # index into self.expected of the next part to write
 
-    def add(self, part: int, tables: dict[str, dict[str, list]]) -> None:
+    def add(self, part: int, tables: dict[str, pa.Table]) -> None:
         self._waiting[part] = tables
         while self._next < len(self.expected) and self.expected[self._next] in self._waiting:
             ready = self._waiting.pop(self.expected[self._next])
-            for name, schema, _ in _TABLES:
-                columns = ready[name]
-                if columns[schema.names[0]]:
-                    table = conform(pa.table({n: columns[n] for n in schema.names}), schema)
-                    self._writers[name].write_table(table)  # one row group per group
+            for name, schema, *_ in _TABLES:
+                if ready[name].num_rows:
+                    self._writers[name].write_table(conform(ready[name], schema))  # one row group
             self._next += 1
 
     @property
@@ -70,16 +72,18 @@ class LayerTables:
             raise RuntimeError(f"layer {self.layer}: projection groups {missing[:5]} never came back")
         for writer in self._writers.values():
             writer.close()
-        return {key(self.layer): self.paths[name] for name, _, key in _TABLES}
+        return {key(self.layer): self.paths[name] for name, _, key, _ in _TABLES}
 
 
 def upload(run: RunWriter, files: dict[str, str], threads: int = 8) -> dict[str, Any]:
-    """Put every {relkey: local path} into the run, ``threads`` at a time (S3 uploads overlap
-    their round trips). Returns {relkey: bytes}."""
+    """Move every {relkey: local path} into the run, ``threads`` at a time (S3 uploads overlap
+    their round trips; a local store on the scratch folder's disk renames each file instead of
+    copying it: 0.15 s of zfnet-small's 157 MB). Returns {relkey: bytes}."""
     def put(item: tuple[str, str]) -> tuple[str, int]:
         relkey, path = item
-        run.put_file(relkey, path)
-        return relkey, os.path.getsize(path)
+        size = os.path.getsize(path)
+        run.move_file(relkey, path)
+        return relkey, size
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
         return dict(pool.map(put, sorted(files.items())))

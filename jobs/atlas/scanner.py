@@ -10,11 +10,13 @@ order, :mod:`jobs.atlas.layer_tables`): nothing per item is written as a file.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from jobs.atlas.spec import AtlasSpec
@@ -25,6 +27,7 @@ from jobs.networks import load_model
 from jobs.rendering.images import display, thumbnail
 from jobs.runtime.device import memory_format, pick_device, to_device, torch_threads
 from jobs.store import RunWriter
+from jobs.store.encoding import binary_column, list_column, warm_arrow
 from zfcore.deconv import project_windows
 from zfcore.network import as_network
 from zfcore.receptive import receptive_box
@@ -64,9 +67,40 @@ def projection_groups(
 
 def channel_scale(projections: list[np.ndarray]) -> float:
     """One display scale for a channel's projections (see :data:`DISPLAY_PERCENTILE`)."""
-    magnitudes = np.concatenate([np.abs(p).ravel() for p in projections])
-    scale = float(np.percentile(magnitudes, DISPLAY_PERCENTILE)) if magnitudes.size else 0.0
+    if not projections:
+        return 0.0
+    magnitudes = np.concatenate([p.ravel() for p in projections])
+    np.abs(magnitudes, out=magnitudes)
+    scale = upper_percentile(magnitudes, DISPLAY_PERCENTILE) if magnitudes.size else 0.0
     return scale if scale > 0 else float(magnitudes.max(initial=0.0))
+
+
+def upper_percentile(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (linear method, the same float arithmetic, so the same
+    value) for a high ``q``, about 9x faster on a channel's projections: only the values above a
+    bound taken from a strided sample are partitioned. The bound is checked to keep every value at
+    or above the percentile's rank, or the whole array is partitioned. 1-D, no NaN."""
+    n = values.size
+    pos = (n - 1) * (q / 100)  # numpy's virtual index for the linear method
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    tail = values
+    if n > 8192:
+        sample = values[:: n // 2048]
+        # A sample rank with four times the needed share of values above it.
+        rank = max(0, math.floor(sample.size * (1 - 4 * (n - lo) / n)) - 1)
+        above = values[values >= np.partition(sample, rank)[rank]]
+        if above.size >= n - lo:  # the top n - lo values are all in it
+            tail = above
+    skipped = n - tail.size
+    part = np.partition(tail, [lo - skipped, hi - skipped])
+    a, b = part[lo - skipped], part[hi - skipped]
+    gamma, diff = float(pos - lo), b - a  # numpy's _lerp, in the array's dtype
+    return float(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
+
+
+def _table(schema: pa.Schema, columns: dict[str, Any]) -> pa.Table:
+    return pa.Table.from_arrays([pa.array(columns[f.name], f.type) for f in schema], schema=schema)
 
 
 class AtlasScanner:
@@ -98,6 +132,7 @@ class AtlasScanner:
         keep = spec.project and self.prefetcher.decode_device is None
         self.winners = WinnerImages() if keep else None
         self._scanned: TopKTracker | None = None  # every shard this worker scanned, merged
+        warm_arrow()  # the projections build tables
 
     def _decode_device(self) -> torch.device | None:
         return self.device if self.device.type == "cuda" else None
@@ -205,10 +240,13 @@ class AtlasScanner:
                       receptive_box(self.network, layer, it[3], it[4], self.image_size))
             for it in usable if it[6]
         ]
-        tables: dict[str, dict[str, list]] = {
-            "images": {n: [] for n in IMAGES_SCHEMA.names},
-            "projections": {n: [] for n in PROJECTIONS_SCHEMA.names},
-        }
+        # Column by column, each image and projection a view until one concatenation per column:
+        # a group's result crosses Ray as a few large buffers, not thousands of small objects.
+        ids: dict[str, list[int]] = {"channel": [], "rank": [], "box_top": [], "box_left": [],
+                                     "box_height": [], "box_width": []}
+        patches: list[np.ndarray] = []
+        shown_all: list[np.ndarray] = []
+        raws: list[np.ndarray] = []
         thumbnails = {}
         by_channel: dict[int, list[int]] = {}
         for n, it in enumerate(live):
@@ -216,26 +254,28 @@ class AtlasScanner:
         for channel, members in by_channel.items():
             members.sort(key=lambda n: live[n][1])  # by rank
             scale = channel_scale([crops[n] for n in members])
-            shown = []
             for n in members:
                 it, box, proj = live[n], boxes[n], crops[n]
                 image = pixels[found[it[2]]]
-                patch = np.ascontiguousarray(
-                    image[box.top : box.top + box.height, box.left : box.left + box.width]
-                )
-                proj_img = display(proj, scale)
-                shown.append(proj_img)
+                patches.append(image[box.top : box.top + box.height, box.left : box.left + box.width])
+                shown_all.append(display(proj, scale))
+                raws.append(proj.astype(np.float32, copy=False))
                 rows_out.append(self._row(layer, it, float(values[n]), int(batch.labels[found[it[2]]]), box))
-                img = tables["images"]
-                for name, value in (("layer", layer), ("channel", channel), ("rank", it[1]),
-                                    ("height", box.height), ("width", box.width),
-                                    ("patch", patch.tobytes()), ("projection", proj_img.tobytes())):
-                    img[name].append(value)
-                raw = tables["projections"]
-                for name, value in (("layer", layer), ("channel", channel), ("rank", it[1]),
-                                    ("box_top", box.top), ("box_left", box.left), ("box_height", box.height),
-                                    ("box_width", box.width), ("values", proj.astype(np.float32).ravel())):
-                    raw[name].append(value)
-            thumbnails[channel] = thumbnail(shown[0], SUMMARY_TILE)
+                for name, value in (("channel", channel), ("rank", it[1]), ("box_top", box.top),
+                                    ("box_left", box.left), ("box_height", box.height),
+                                    ("box_width", box.width)):
+                    ids[name].append(value)
+            thumbnails[channel] = thumbnail(shown_all[-len(members)], SUMMARY_TILE)
+        common = {"layer": [layer] * len(patches), "channel": ids["channel"], "rank": ids["rank"]}
+        tables = {
+            "images": _table(IMAGES_SCHEMA, {
+                **common, "height": ids["box_height"], "width": ids["box_width"],
+                "patch": binary_column(patches), "projection": binary_column(shown_all),
+            }),
+            "projections": _table(PROJECTIONS_SCHEMA, {
+                **common, **{k: ids[k] for k in ("box_top", "box_left", "box_height", "box_width")},
+                "values": list_column(raws, pa.float32()),
+            }),
+        }
         return {"rows": rows_out, "tables": tables, "thumbnails": thumbnails,
                 "lost": len(items) - len(usable), "seconds": time.perf_counter() - start}

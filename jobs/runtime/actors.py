@@ -96,7 +96,8 @@ def run_on_actors(
     max_retries: int = 3,
 ) -> list[Any]:
     """Run ``call(actor, item)`` for every item, one item per idle actor at a time, handing each
-    result to ``on_result(item, result)`` as it arrives (in completion order).
+    result to ``on_result(item, result)`` as it arrives (in completion order), once its actor has
+    been given its next item.
 
     An actor that dies is dropped and its item goes back in the queue for the remaining actors,
     at most ``max_retries`` times per item. Any other error fails the whole run. Returns the
@@ -112,11 +113,17 @@ def run_on_actors(
         return queue.popleft() if queue else next(fresh, None)
 
     todo = next_item()  # the next item to hand out
+    arrived: tuple[Any, Any] | None = None  # a result not yet handed to on_result
     while todo is not None or running:
         while idle and todo is not None:
             actor = idle.pop(0)
             running[call(actor, todo[1])] = (actor, *todo)
             todo = next_item()
+        # The actor that brought a result has its next item already: the driver's work on the
+        # result (merging trackers, writing tables) does not keep it idle.
+        if arrived is not None:
+            on_result(*arrived)
+            arrived = None
         if not running:
             raise RuntimeError("every worker actor died; nothing left to run the job on")
         [done], _ = ray.wait(list(running), num_returns=1)
@@ -133,5 +140,7 @@ def run_on_actors(
                 todo = next_item()
             continue
         idle.append(actor)
-        on_result(item, result)
+        arrived = (item, result)
+    if arrived is not None:
+        on_result(*arrived)
     return idle

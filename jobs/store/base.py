@@ -122,6 +122,12 @@ class Store(ABC):
         """Upload a local file without reading it into memory (checkpoints); ``atomic`` as for
         :meth:`put_bytes`."""
 
+    def move_file(self, key: str, path: str | os.PathLike[str], *, atomic: bool = True) -> None:
+        """:meth:`put_file`, and the local file is gone afterwards (the local backend renames it
+        when it is on the store's file system instead of copying it)."""
+        self.put_file(key, path, atomic=atomic)
+        os.unlink(path)
+
     @abstractmethod
     def get_bytes(self, key: str) -> bytes:
         """The object's bytes; :class:`MissingKeyError` if there is none."""

@@ -136,6 +136,17 @@ class LocalStore(Store):
         with open(path, "rb") as src:
             self._write(self._path(key), lambda f: shutil.copyfileobj(src, f, 1 << 20), atomic)
 
+    def move_file(self, key: str, path: str | os.PathLike[str], *, atomic: bool = True) -> None:
+        target = self._path(key)
+        self._folder_for(target)
+        try:
+            # One rename, atomic whatever ``atomic`` says; a link at the target is replaced itself.
+            os.replace(path, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            super().move_file(key, path, atomic=atomic)  # another file system: copied
+
     def _folder_for(self, target: Path) -> None:
         # Before creating any folder: one under a link out of the root would be created out there.
         if not self._inside(target.parent):

@@ -216,6 +216,13 @@ class RunWriter:
         self.store.put_file(key, path, atomic=self.resumable)
         return key
 
+    def move_file(self, relkey: str, path: str | os.PathLike[str]) -> str:
+        """:meth:`put_file` of a local file nobody needs afterwards (a rename on the same disk)."""
+        self._writable()
+        key = self.key(relkey)
+        self.store.move_file(key, path, atomic=self.resumable)
+        return key
+
     def put_json(self, relkey: str, value: Any) -> str:
         return self.put_bytes(relkey, json.dumps(value, indent=2, default=json_default).encode())
 

@@ -230,6 +230,6 @@ def test_the_scanner_decodes_jpegs_on_the_device_and_projects_from_them(
     assert n_dev == n_cpu == N - 1  # the truncated image skipped on both paths
     for layer in spec.layers:
         assert torch.allclose(top_dev[layer].values, top_cpu[layer].values, rtol=0.1, atol=0.1)
-    rows = [r for m in made_dev for r in m["tables"]["images"]["patch"]]
+    rows = [r for m in made_dev for r in m["tables"]["images"]["patch"].to_pylist()]
     assert rows and all(isinstance(p, bytes) and p for p in rows)
-    assert len(rows) == sum(len(m["tables"]["images"]["patch"]) for m in made_cpu)
+    assert len(rows) == sum(m["tables"]["images"].num_rows for m in made_cpu)

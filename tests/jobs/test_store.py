@@ -87,6 +87,29 @@ def test_files_and_uri_reads(store: Store, store_uri, tmp_path) -> None:
     assert read_uri_bytes(store.uri_of("ckpt/model.bin"), store_uri[1]) == src.read_bytes()
 
 
+def test_a_moved_file_is_in_the_store_and_gone_from_its_folder(store: Store, tmp_path, monkeypatch) -> None:
+    src = tmp_path / "table.parquet"
+    src.write_bytes(b"rows" * 1000)
+    store.move_file("atlas/r/images/conv1.parquet", src)
+    assert store.get_bytes("atlas/r/images/conv1.parquet") == b"rows" * 1000
+    assert not src.exists()
+    if isinstance(store, LocalStore):  # another file system: copied, then the source removed
+        import errno
+        import os
+
+        real_replace = os.replace
+
+        def cross_device(a, b):  # only the move itself: the copy's own temp-file rename works
+            if os.fspath(a) == os.fspath(src):
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            real_replace(a, b)
+
+        src.write_bytes(b"other")
+        monkeypatch.setattr(os, "replace", cross_device)
+        store.move_file("atlas/r/images/conv2.parquet", src)
+        assert store.get_bytes("atlas/r/images/conv2.parquet") == b"other" and not src.exists()
+
+
 @pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "a\\b", "a//b", "./a", "", "a/"])
 def test_traversal_keys_rejected(store: Store, key: str) -> None:
     with pytest.raises(ValueError):
@@ -231,6 +254,22 @@ def test_png_and_parquet_readable_everywhere(store: Store, tmp_path) -> None:
         rows = duckdb.connect().execute(f"select layer, channel from '{path}' where channel >= 2").fetchall()
         assert rows == [("b", 2), ("c", 3)]
         assert pd.read_parquet(path)["channel"].dtype == np.int32
+
+
+def test_columns_built_from_one_buffer_hold_each_arrays_values() -> None:
+    from jobs.store.encoding import binary_column, list_column
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((3, 4), (1, 1), (5, 2))]
+    images.append(images[0].transpose(1, 0, 2))  # a strided view: its C-order bytes, as tobytes()
+    column = binary_column(images)
+    assert column.type == pa.binary() and column.to_pylist() == [a.tobytes() for a in images]
+    values = [rng.standard_normal((3, h, w)) for h, w in ((2, 2), (0, 3), (4, 1))]  # float64 in
+    lists = list_column(values, pa.float32())
+    assert lists.type == pa.list_(pa.float32())
+    assert [np.array(v, np.float32).tolist() for v in lists.to_pylist()] == [
+        v.astype(np.float32).ravel().tolist() for v in values]
+    assert binary_column([]).to_pylist() == [] and list_column([], pa.float32()).to_pylist() == []
 
 
 def test_manifest_is_plain_json(store: Store) -> None:
