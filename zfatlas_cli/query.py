@@ -209,11 +209,11 @@ def atlas_show(args: argparse.Namespace) -> int:
             print("  this channel never fired on the dataset: nothing to show")
         _print_table(rows, ["rank", "activation", "image_id", "label", "yx", "box"])
         if reader.format >= 2:
-            from jobs.atlas.tables import images_key
-
-            table = reader.store.uri_of(f"{reader.prefix}/{images_key(args.layer)}")
-            export = f"zfatlas atlas export {args.run} --layer {args.layer} --out DIR"
-            print(f"images: {table} (rows of channel {args.channel}); `{export}` writes them as PNG files")
+            if rows and not rows[0].get("dead"):
+                key = reader.table_key("images", args.layer, args.channel)
+                export = f"zfatlas atlas export {args.run} --layer {args.layer} --out DIR"
+                print(f"images: {reader.store.uri_of(f'{reader.prefix}/{key}')} (rows of channel "
+                      f"{args.channel}); `{export}` writes them as PNG files")
         else:
             for r in rows:
                 print(f"  rank {r['rank']}: {reader.store.uri_of(r['patch_key'])}  "

@@ -7,11 +7,12 @@ the cluster has GPUs):
    requested layer's top-k with :class:`zfcore.topk.TopKTracker`; the driver merges shard
    trackers as they arrive (exact: merging is order-independent).
 2. project: the winning (image, layer, channel, position) items, in groups of a few whole
-   channels (a few groups per call), are projected in batches from the images the actor kept
-   from its scan (or read again); the actor returns each group's feature rows and its rows of
-   the layer's image and projection tables, which the driver writes in channel order.
+   channels and parts of a few groups (one part per call), are projected in batches from the
+   images the actor kept from its scan (or read again); the actor writes the part's image and
+   projection tables into the run itself and returns the feature rows. The driver writes
+   features.parquet and the summaries: no pixel goes through it.
 
-A shard or a group whose actor dies is retried on the remaining actors (:func:`run_on_actors`),
+A shard or a part whose actor dies is retried on the remaining actors (:func:`run_on_actors`),
 so the atlas is the same as a fault-free run. Nothing is visible until the runner commits the
 manifest.
 """
@@ -32,16 +33,14 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from jobs.atlas.layer_tables import LayerTables, upload
-from jobs.atlas.scanner import AtlasScanner, projection_groups
+from jobs.atlas.layer_tables import upload
+from jobs.atlas.scanner import AtlasScanner, projection_groups, projection_parts
 from jobs.atlas.spec import AtlasSpec
 from jobs.atlas.tables import (
     CHANNELS_PER_ROW_GROUP,
     FEATURES,
     FEATURES_SCHEMA,
     FORMAT,
-    images_key,
-    projections_key,
     summary_key,
 )
 from jobs.datasets import open_dataset
@@ -66,9 +65,11 @@ class _AtlasActor(AtlasScanner):
         return {**super().scan(shard), "actor": ray.get_runtime_context().get_actor_id(),
                 "peak_rss_mb": peak_rss_mb()}
 
-    def groups(self, groups: list[dict[str, Any]], project: bool) -> list[dict[str, Any]]:
-        """Several projection groups in one call (see :func:`_per_call`)."""
-        return [self.project(g) if project else self.describe(g) for g in groups]
+    def project_part(self, part: dict[str, Any], driver_node: str | None = None) -> dict[str, Any]:
+        # A local store is the driver machine's folder: a worker elsewhere sends the part's bytes.
+        elsewhere = driver_node not in (None, ray.get_runtime_context().get_node_id())
+        out = super().project_part(part, send_bytes=self.run.store.machine_local and elsewhere)
+        return {**out, "actor": ray.get_runtime_context().get_actor_id()}
 
 
 # A dead worker is not restarted: its work moves to the others (see run_on_actors).
@@ -86,7 +87,7 @@ def build_atlas(spec: AtlasSpec, run: RunWriter, *, quiet: bool = False) -> dict
     count = min(count, len(shards))
     # Before any worker starts: the checkpoint fits, and the deconvnet can go down every layer.
     deconvnet = preflight(spec.model, spec.preprocess, spec.layers if spec.project else [], spec.endpoint_url)
-    warm_arrow()  # before the clock of the first phase: the driver writes the tables
+    warm_arrow()  # before the clock of the first phase: the driver writes features.parquet
     with tempfile.TemporaryDirectory(prefix="zfatlas-atlas-") as scratch:
         with started_workers(AtlasWorker, count, options, spec, run, options["num_cpus"],
                              name=f"zfatlas-atlas-{run.run_id}") as (actors, workers):
@@ -97,7 +98,7 @@ def build_atlas(spec: AtlasSpec, run: RunWriter, *, quiet: bool = False) -> dict
             scan, alive = _scan(spec, actors, shards, len(source), quiet)
             scan_s = time.perf_counter() - t_scan
             t_proj = time.perf_counter()
-            made, alive = _project(spec, alive, scan.results, scratch, quiet)
+            made, alive = _project(spec, run, alive, scan.results, quiet)
             project_s = time.perf_counter() - t_proj
             lost_workers = len(actors) - len(alive)
         t_write = time.perf_counter()  # the workers are gone: what is left is the driver's writing
@@ -126,6 +127,10 @@ def build_atlas(spec: AtlasSpec, run: RunWriter, *, quiet: bool = False) -> dict
             {
                 **{k: v for k, v in w.items() if k != "model_fingerprint"},
                 "shards": scan.shards_by_actor.get(w["actor_id"], 0),
+                # Parts projected, and those sent for the driver to write (a local store's folder
+                # is on another machine than this worker's).
+                "parts": made.parts_by_actor.get(w["actor_id"], 0),
+                "parts_sent": made.sent_by_actor.get(w["actor_id"], 0),
             }
             for w in workers
         ],
@@ -135,12 +140,12 @@ def build_atlas(spec: AtlasSpec, run: RunWriter, *, quiet: bool = False) -> dict
                     "total_s": total_s},
         "throughput_images_per_s": scan.images / scan_s if scan_s > 0 else None,
         "format": FORMAT,
-        "tables": {"features": FEATURES, **{
-            f"{kind}/{layer}": key(layer) for layer in made.tables
-            for kind, key in (("images", images_key), ("projections", projections_key))
-        }},
-        "objects_written": len(sizes),
-        "bytes_written": sum(sizes.values()),
+        # Every table file (the parts of a layer's image tables, in channel order), and each
+        # part's channel range: a reader opens the one part that holds a channel.
+        "tables": {"features": FEATURES, **{key.removesuffix(".parquet"): key for key in sorted(made.files)}},
+        "parts": made.parts,
+        "objects_written": len(sizes) + len(made.files),
+        "bytes_written": sum(sizes.values()) + sum(made.files.values()),
         "summaries": summaries,
     }
 
@@ -187,63 +192,67 @@ def _scan(
 @dataclass
 class _Made:
     rows: list[dict[str, Any]]
-    tables: dict[str, LayerTables]
     thumbnails: dict[str, dict[int, np.ndarray]]
     dead: dict[str, int]
+    parts: dict[str, list[list[int]]]  # per layer, each part's [first, last] channel
+    files: dict[str, int] = dataclasses.field(default_factory=dict)  # the parts' tables: relkey -> bytes
     lost: int = 0
+    parts_by_actor: dict[str, int] = dataclasses.field(default_factory=dict)
+    sent_by_actor: dict[str, int] = dataclasses.field(default_factory=dict)  # bytes sent to the driver
 
 
 def _project(
-    spec: AtlasSpec, actors: list[Any], results: dict[str, Any], scratch: str, quiet: bool
+    spec: AtlasSpec, run: RunWriter, actors: list[Any], results: dict[str, Any], quiet: bool
 ) -> tuple[_Made, list[Any]]:
-    """Phase 2: the winners projected (or, without projections, described), a few whole channels
-    per call; each layer's image tables written in channel order as groups come back."""
+    """Phase 2: the winners projected (or, without projections, described), a part of a few
+    groups of whole channels per call; each worker writes the parts it projects into the run (or
+    sends them, for the driver to write, when the store is a folder of another machine)."""
     groups = projection_groups(results, spec.layers, max(1, spec.resources.batch_size // spec.k))
-    made = _Made([], {}, {layer: {} for layer in spec.layers}, {})
-    if spec.project:
-        made.tables = {
-            layer: LayerTables(layer, [g["part"] for g in groups if g["layer"] == layer], scratch)
-            for layer in spec.layers
-        }
+    parts = projection_parts(groups)
+    made = _Made([], {layer: {} for layer in spec.layers}, {}, {layer: [] for layer in spec.layers})
+    for part in parts:
+        made.parts[part["layer"]].append(part["channels"])
     bar = tqdm(total=len(groups), unit="group", desc="project", disable=quiet or not spec.project)
 
-    def on_group(group: dict[str, Any], out: dict[str, Any]) -> None:
-        made.rows.extend(out["rows"])
-        dead = sum(1 for row in out["rows"] if row["dead"])
-        made.dead[group["layer"]] = made.dead.get(group["layer"], 0) + dead
-        if spec.project:
-            made.thumbnails[group["layer"]].update(out["thumbnails"])
-            made.tables[group["layer"]].add(group["part"], out["tables"])
-        made.lost += out["lost"]
-        bar.update(1)
+    def on_part(part: dict[str, Any], out: dict[str, Any]) -> None:
+        for group_out in out["groups"]:
+            made.rows.extend(group_out["rows"])
+            dead = sum(1 for row in group_out["rows"] if row["dead"])
+            made.dead[part["layer"]] = made.dead.get(part["layer"], 0) + dead
+            if spec.project:
+                made.thumbnails[part["layer"]].update(group_out["thumbnails"])
+            made.lost += group_out["lost"]
+        made.files.update(out["files"])
+        actor = out["actor"]
+        made.parts_by_actor[actor] = made.parts_by_actor.get(actor, 0) + 1
+        if out["payload"]:
+            made.sent_by_actor[actor] = made.sent_by_actor.get(actor, 0) + 1
+            if sum(made.sent_by_actor.values()) == 1:
+                log.info("workers on other machines than the local store %s send their parts through "
+                         "the driver (an S3 store, or a folder every machine shares, avoids that)",
+                         run.store.uri_of(""))
+        for relkey, data in out["payload"].items():
+            run.put_bytes(relkey, data)
+            made.files[relkey] = len(data)
+        bar.update(len(part["groups"]))
 
-    def on_call(bundle: list[dict[str, Any]], outs: list[dict[str, Any]]) -> None:
-        for group, out in zip(bundle, outs, strict=True):
-            on_group(group, out)
+    here = ray.get_runtime_context().get_node_id()
 
-    per_call = _per_call(len(groups), len(actors))
-    calls = [groups[i : i + per_call] for i in range(0, len(groups), per_call)]
-    alive = run_on_actors(actors, lambda a, bundle: a.groups.remote(bundle, spec.project), calls, on_call,
-                          spec.max_retries)
+    def call(actor: Any, part: dict[str, Any]) -> Any:
+        return actor.project_part.remote(part, here)
+
+    alive = run_on_actors(actors, call, parts, on_part, spec.max_retries)
     bar.close()
+    if not spec.project:
+        made.parts = {}
     return made, alive
 
 
-def _per_call(groups: int, workers: int) -> int:
-    """Projection groups sent in one call: up to 4, while every worker still gets 4 calls or more
-    to balance the load. A call costs about 2 ms beyond its bytes (zfnet-small's 53 groups took
-    0.13-0.40 s one per call, 0.06-0.08 s four per call, moving the same 157 MB); a group stays
-    one row group of its layer's tables."""
-    return max(1, min(4, groups // (4 * max(1, workers))))
-
-
 def _write(spec: AtlasSpec, run: RunWriter, made: _Made, scratch: str) -> tuple[pa.Table, dict, dict]:
-    """features.parquet, the summaries and the layers' tables into the run, uploaded together."""
+    """features.parquet and the summaries into the run (the workers wrote the layers' tables)."""
     made.rows.sort(key=lambda r: (spec.layers.index(r["layer"]), r["channel"], r["rank"]))
     table = pa.Table.from_pylist(made.rows, schema=FEATURES_SCHEMA)
     files: dict[str, str] = {}
-    for layer_tables in made.tables.values():
-        files.update(layer_tables.close())
     summaries = {}
     for layer, thumbs in made.thumbnails.items():
         if thumbs:

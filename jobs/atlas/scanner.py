@@ -3,24 +3,29 @@ winners and draw their images. :class:`AtlasScanner` runs as a Ray actor in the 
 (:mod:`jobs.atlas.driver`) and directly in the benchmarks; nothing here imports Ray.
 
 A projection group is a few whole channels of one layer, so a group can draw its channels' 3x3
-grids: ``{"layer", "part", "items": [(channel, rank, image_index, y, x, value, dead), ...]}``. A
-group's result is its table rows, in memory (the driver writes each layer's tables in channel
-order, :mod:`jobs.atlas.layer_tables`): nothing per item is written as a file.
+grids: ``{"layer", "group", "items": [(channel, rank, image_index, y, x, value, dead), ...]}``;
+a group's result is its feature rows and its rows of the layer's two image tables. A part is up
+to :data:`jobs.atlas.tables.GROUPS_PER_PART` consecutive groups of one layer: the worker that
+projects it writes its two table files into the run (:mod:`jobs.atlas.layer_tables`) and returns
+only the feature rows and thumbnails. Nothing per item is written as a file.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from jobs.atlas.layer_tables import part_files, upload
 from jobs.atlas.spec import AtlasSpec
-from jobs.atlas.tables import IMAGES_SCHEMA, PROJECTIONS_SCHEMA
+from jobs.atlas.tables import GROUPS_PER_PART, IMAGES_SCHEMA, PROJECTIONS_SCHEMA
 from jobs.atlas.winners import WinnerImages, tracked_images
 from jobs.datasets import Prefetcher, open_dataset
 from jobs.networks import load_model
@@ -51,7 +56,7 @@ def projection_groups(
         top = results[layer]
         ys, xs = top.positions_yx()
         channels = list(range(top.values.shape[0]))
-        for part, start in enumerate(range(0, len(channels), channels_per_group)):
+        for group, start in enumerate(range(0, len(channels), channels_per_group)):
             items = []
             for c in channels[start : start + channels_per_group]:
                 dead = not float(top.values[c, 0]) > 0
@@ -61,8 +66,22 @@ def projection_groups(
                         value = float(top.values[c, r])
                         items.append((c, r, index, int(ys[c, r]), int(xs[c, r]), value, dead))
             if items:
-                groups.append({"layer": layer, "part": part, "items": items})
+                groups.append({"layer": layer, "group": group, "items": items})
     return groups
+
+
+def projection_parts(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups (in :func:`projection_groups`' order) in parts of up to ``GROUPS_PER_PART``
+    consecutive groups of one layer: ``{"layer", "part", "channels": [first, last], "groups"}``."""
+    parts: list[dict[str, Any]] = []
+    for layer in dict.fromkeys(g["layer"] for g in groups):
+        mine = [g for g in groups if g["layer"] == layer]
+        for part, start in enumerate(range(0, len(mine), GROUPS_PER_PART)):
+            chunk = mine[start : start + GROUPS_PER_PART]
+            channels = [it[0] for g in chunk for it in g["items"]]
+            parts.append({"layer": layer, "part": part, "channels": [min(channels), max(channels)],
+                          "groups": chunk})
+    return parts
 
 
 def channel_scale(projections: list[np.ndarray]) -> float:
@@ -178,6 +197,22 @@ class AtlasScanner:
             "box_top": box.top, "box_left": box.left, "box_height": box.height, "box_width": box.width,
             "dead": bool(item[6]),
         }
+
+    def project_part(self, part: dict[str, Any], *, send_bytes: bool = False) -> dict[str, Any]:
+        """A part's groups projected (or, without projections, described) and its two table files
+        written into the run, or, with ``send_bytes`` (a worker that cannot reach the store's
+        folder), returned as bytes for the driver to write. Returns ``{"groups": [each group's
+        rows, thumbnails, lost], "files": {relkey: bytes written}, "payload": {relkey: data}}``."""
+        if not self.spec.project:
+            return {"groups": [self.describe(g) for g in part["groups"]], "files": {}, "payload": {}}
+        outs = [self.project(g) for g in part["groups"]]
+        tables = [out.pop("tables") for out in outs]
+        with tempfile.TemporaryDirectory(prefix="zfatlas-part-") as scratch:
+            files = part_files(part["layer"], part["part"], tables, scratch)
+            if send_bytes:
+                payload = {key: Path(path).read_bytes() for key, path in files.items()}
+                return {"groups": outs, "files": {}, "payload": payload}
+            return {"groups": outs, "files": upload(self.run, files, threads=len(files)), "payload": {}}
 
     def describe(self, group: dict[str, Any]) -> dict[str, Any]:
         """Feature rows of a group without projections: the scan's values and receptive boxes, and

@@ -13,7 +13,13 @@ FEATURES = "features.parquet"
 #: 1: features.parquet + one PNG file per patch, projection and grid (7,000+ objects a small atlas).
 #: 2: features.parquet + per layer two tables (images: raw pixels; projections: raw values), a row
 #:    group per few channels, + one summary PNG: a handful of objects, every image addressable.
-FORMAT = 2
+#: 3: as 2, each layer's two tables split in parts of GROUPS_PER_PART row groups (a few dozen
+#:    channels), each part written by the worker that projected it: the driver moves no pixels.
+FORMAT = 3
+
+#: Projection groups (row groups) per part file of a layer's tables (format 3). Fixed, so the
+#: layout depends on the spec alone, not on how many workers ran it.
+GROUPS_PER_PART = 16
 
 # One row per (layer, channel, rank): the winner, where it is in its map and its receptive box.
 _FEATURE_FIELDS = [
@@ -71,11 +77,12 @@ PROJECTIONS_SCHEMA = pa.schema(
 #: query reads one small group instead of the whole table.
 CHANNELS_PER_ROW_GROUP = 64
 
-# Per layer (format 2): images/<layer>.parquet and projections/<layer>.parquet, each with one row
-# group per projection group (a few whole channels), rows sorted by (channel, rank): a one-channel
-# read is one row group. Pixels are raw uint8, (height, width, 3) in C order
-# (``np.frombuffer(...).reshape(h, w, 3)``); the API encodes PNGs from them, and draws a channel's
-# 3x3 grids from its rows (zstd-compressed Parquet writes them several times faster than PNGs).
+# Per layer: images/<layer>/part-NNNNN.parquet and projections/<layer>/part-NNNNN.parquet (format 2:
+# images/<layer>.parquet, projections/<layer>.parquet), each with one row group per projection
+# group (a few whole channels), rows sorted by (channel, rank): a one-channel read is one row group.
+# Pixels are raw uint8, (height, width, 3) in C order (``np.frombuffer(...).reshape(h, w, 3)``);
+# the API encodes PNGs from them, and draws a channel's 3x3 grids from its rows (zstd-compressed
+# Parquet writes them several times faster than PNGs).
 IMAGES_SCHEMA = pa.schema(
     [
         pa.field("layer", pa.string(), nullable=False),
@@ -88,11 +95,21 @@ IMAGES_SCHEMA = pa.schema(
     ]
 )
 
+TABLE_KINDS = ("images", "projections")
+
+
+def part_key(kind: str, layer: str, part: int) -> str:
+    """Format 3: part ``part`` of a layer's ``kind`` ("images" or "projections") table."""
+    return f"{kind}/{layer}/part-{part:05d}.parquet"
+
+
 def images_key(layer: str) -> str:
+    """Format 2: the layer's one images table."""
     return f"images/{layer}.parquet"
 
 
 def projections_key(layer: str) -> str:
+    """Format 2: the layer's one projections table."""
     return f"projections/{layer}.parquet"
 
 

@@ -29,7 +29,15 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.atlas.tables import FEATURES, FEATURES_SCHEMA, FORMAT, images_key, projections_key, summary_key
+from jobs.atlas.tables import (
+    FEATURES,
+    FEATURES_SCHEMA,
+    FORMAT,
+    images_key,
+    part_key,
+    projections_key,
+    summary_key,
+)
 from jobs.rendering.images import grid
 from jobs.store import MissingKeyError, Store, check_key, committed_runs, read_manifest, run_prefix
 from jobs.store.encoding import png_bytes
@@ -45,7 +53,7 @@ IMAGE_KINDS = ("patch", "projection")
 GRID_KINDS = ("patch_grid", "projection_grid")
 _V1_KEYS = {"patch": "patch_key", "projection": "projection_key",
             "patch_grid": "patch_grid_key", "projection_grid": "projection_grid_key"}
-#: PNGs made from format-2 tables: zlib level 1 (fast; the API and `atlas export` make the same bytes).
+#: PNGs made from format-2 and -3 tables: zlib level 1 (fast; the API and `atlas export` make the same bytes).
 PNG_LEVEL = 1
 
 
@@ -176,6 +184,18 @@ class AtlasReader:
         """The run's artifact layout (:data:`jobs.atlas.tables.FORMAT`); runs before 0.2 are 1."""
         return int(self.manifest.get("format") or 1)
 
+    def table_key(self, kind: str, layer: str, channel: int) -> str:
+        """The run-relative key of the ``kind`` ("images" or "projections") table file that holds
+        ``channel`` of ``layer`` (formats 2 and 3): format 2 has one per layer, format 3 a part
+        per few dozen channels, found by the channel ranges in the manifest's ``parts``."""
+        if self.format == 2:
+            return images_key(layer) if kind == "images" else projections_key(layer)
+        ranges = self.manifest.get("parts", {}).get(layer, [])
+        part = next((n for n, (lo, hi) in enumerate(ranges) if lo <= channel <= hi), None)
+        if part is None:
+            raise UnknownChannelError(f"channel {channel} of {layer} has no {kind} in atlas {self.run_id}")
+        return part_key(kind, layer, part)
+
     def _layer_table(self, relkey: str) -> _ChannelTable:
         with self._tables_lock:
             table = self._tables.get(relkey)
@@ -281,7 +301,8 @@ class AtlasReader:
         if self.format >= 2:
             if rows.column("dead")[0].as_py():
                 raise QueryError(f"channel {channel} of {layer} never fired: it has no projections")
-            return self._layer_table(projections_key(layer)).channel(channel).sort_by("rank")
+            table = self._layer_table(self.table_key("projections", layer, channel))
+            return table.channel(channel).sort_by("rank")
         folder = self.path(f"projections/{layer}")
         try:
             data = ds.dataset(folder, filesystem=self.filesystem, format="parquet")
@@ -292,8 +313,9 @@ class AtlasReader:
 
     def png(self, layer: str, channel: int, kind: str, rank: int | None = None) -> bytes:
         """A PNG of one channel: ``kind`` "patch" or "projection" with a ``rank``, or "patch_grid"
-        or "projection_grid" (its top-k, 3 to a row). Format 1 reads the run's PNG file; format 2
-        draws it from the layer's images table (one row group read, kept for the next request)."""
+        or "projection_grid" (its top-k, 3 to a row). Format 1 reads the run's PNG file; formats 2
+        and 3 draw it from the layer's images table (one row group read, kept for the next
+        request)."""
         if kind not in IMAGE_KINDS + GRID_KINDS:
             raise QueryError(f"no image kind {kind!r}; one of {', '.join(IMAGE_KINDS + GRID_KINDS)}")
         if (kind in IMAGE_KINDS) != (rank is not None):
@@ -317,8 +339,9 @@ class AtlasReader:
         return png_bytes(grid([pixels[r] for r in sorted(pixels)]), PNG_LEVEL)
 
     def pixels(self, layer: str, channel: int, kind: str) -> dict[int, np.ndarray]:
-        """Format 2: one channel's ``kind`` ("patch" or "projection") images by rank, uint8 (h, w, 3)."""
-        table = self._layer_table(images_key(layer)).channel(channel)
+        """Formats 2 and 3: one channel's ``kind`` ("patch" or "projection") images by rank, uint8
+        (h, w, 3)."""
+        table = self._layer_table(self.table_key("images", layer, channel)).channel(channel)
         out = {}
         for rank, h, w, data in zip(*(table.column(c).to_pylist() for c in ("rank", "height", "width", kind)),
                                     strict=True):
@@ -363,8 +386,13 @@ class AtlasReader:
                     for kind in IMAGE_KINDS:
                         png = functools.partial(self.png, layer, c, kind, rank)
                         jobs.append((f"{base}/{kind}-{rank}.png", png))
-            jobs.append((f"projections/{layer}/part-00000.parquet",
-                         functools.partial(self.store.get_bytes, f"{self.prefix}/{projections_key(layer)}")))
+            if self.format == 2:
+                raw = {f"projections/{layer}/part-00000.parquet": projections_key(layer)}
+            else:  # the same names as in the run
+                raw = {part_key("projections", layer, n): part_key("projections", layer, n)
+                       for n in range(len(self.manifest.get("parts", {}).get(layer, [])))}
+            for name, relkey in raw.items():
+                jobs.append((name, functools.partial(self.store.get_bytes, f"{self.prefix}/{relkey}")))
         if info.summary_key and self.store.exists(info.summary_key):
             jobs.append((summary_key(layer), functools.partial(self.store.get_bytes, info.summary_key)))
 
@@ -401,7 +429,7 @@ def _with_export_keys(table: pa.Table, layer: str) -> pa.Table:
 
 
 class _ChannelTable:
-    """One format-2 table of a layer (rows sorted by channel, a row group per few channels): the
+    """One format-2 or -3 table file of a layer (rows sorted by channel, a row group per few channels): the
     rows of a channel, reading only its row group, the last few groups kept decoded."""
 
     _KEEP = 8

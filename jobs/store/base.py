@@ -109,6 +109,10 @@ def parse_iso(text: str) -> datetime:
 class Store(ABC):
     """Bytes under '/'-separated keys, through a backend's primitives."""
 
+    #: A folder of the machine that opened it: other machines see the same objects only through a
+    #: shared file system (an S3 store is the same from everywhere).
+    machine_local = False
+
     # --- backend primitives ---
 
     @abstractmethod

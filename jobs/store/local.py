@@ -82,6 +82,8 @@ def _read_all(fd: int) -> bytes:
 class LocalStore(Store):
     """A folder on the local filesystem (created on first write)."""
 
+    machine_local = True
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
         # Absolute, so a store pickled to a worker process with another cwd means the same folder.
         self.root = Path(root).expanduser().absolute()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +20,7 @@ import ray
 import torch
 from PIL import Image
 
-from jobs.atlas.tables import FEATURES_SCHEMA, PROJECTIONS_SCHEMA
+from jobs.atlas.tables import FEATURES_SCHEMA, PROJECTIONS_SCHEMA, part_key
 from jobs.datasets import shard_ranges
 from jobs.kinds import parse_spec
 from jobs.results.query import AtlasReader
@@ -118,14 +121,25 @@ def test_images_and_raw_projections_are_written(cluster_atlas):
     manifest, store, _ = cluster_atlas
     rows = pq.read_table(io.BytesIO(store.get_bytes("atlas/e2e/features.parquet"))).to_pylist()
     row = next(r for r in rows if r["layer"] == "conv2" and r["channel"] == 5 and r["rank"] == 0)
-    # A handful of objects: features, per layer an images and a projections table and a summary.
+    # A handful of objects: features, per layer a summary and the parts of its images and
+    # projections tables (a part per GROUPS_PER_PART groups of channels, in channel order).
     keys = [k.removeprefix("atlas/e2e/") for k in store.list_keys("atlas/e2e/")]
     layers = manifest["layers"]
+    parts = manifest["parts"]
     assert sorted(keys) == sorted(["features.parquet", "manifest.json"] + [
-        f"{kind}/{layer}.{ext}" for layer in layers
-        for kind, ext in (("images", "parquet"), ("projections", "parquet"), ("summary", "png"))
+        f"summary/{layer}.png" for layer in layers] + [
+        part_key(kind, layer, n) for layer in layers for kind in ("images", "projections")
+        for n in range(len(parts[layer]))
     ])
-    assert manifest["format"] == 2 and manifest["objects_written"] == len(keys) - 1
+    assert manifest["format"] == 3 and manifest["objects_written"] == len(keys) - 1
+    for layer in layers:  # consecutive channel ranges covering the layer
+        ranges = parts[layer]
+        assert ranges[0][0] == 0 and all(b[0] == a[1] + 1 for a, b in zip(ranges, ranges[1:], strict=False))
+    assert len(parts["conv2"]) > 1
+    # The store is a folder of the head node's machine: the second node's workers sent their parts
+    # (the test's two raylets share one disk, but a real second machine would not).
+    sent = sum(w["parts_sent"] for w in manifest["workers"])
+    assert 0 < sent < sum(w["parts"] for w in manifest["workers"]) == sum(len(r) for r in parts.values())
     reader = AtlasReader(store, "e2e")
     patch = np.asarray(Image.open(io.BytesIO(reader.png("conv2", 5, "patch", 0))))
     assert patch.shape == (row["box_height"], row["box_width"], 3)
@@ -137,11 +151,11 @@ def test_images_and_raw_projections_are_written(cluster_atlas):
     projection = Image.open(io.BytesIO(reader.png("conv2", 5, "projection", 0)))
     assert projection.size == (row["box_width"], row["box_height"])
     assert Image.open(io.BytesIO(reader.png("conv2", 5, "patch_grid"))).size[0] > 3 * row["box_width"]
-    # Raw projections: one table per layer, filterable by channel without reading the rest.
+    # Raw projections: a layer's parts read as one dataset, filterable by channel.
     fs, base = store.arrow_filesystem()
-    proj = ds.dataset(f"{base}/atlas/e2e/projections/conv2.parquet", filesystem=fs, format="parquet")
+    proj = ds.dataset(f"{base}/atlas/e2e/projections/conv2", filesystem=fs, format="parquet")
     assert proj.schema.equals(PROJECTIONS_SCHEMA)
-    raw = pq.ParquetFile(fs.open_input_file(f"{base}/atlas/e2e/projections/conv2.parquet"))
+    raw = pq.ParquetFile(fs.open_input_file(f"{base}/atlas/e2e/{part_key('projections', 'conv2', 0)}"))
     assert raw.num_row_groups > 1
     one = proj.to_table(filter=(ds.field("layer") == "conv2") & (ds.field("channel") == 5)).to_pylist()
     assert sorted(r["rank"] for r in one) == list(range(9))
@@ -162,18 +176,20 @@ def test_every_object_the_manifest_names_exists_and_every_image_has_its_row(clus
     for kind in ("images", "projections"):
         found = set()
         for layer in manifest["layers"]:
-            t = pq.read_table(f"{base}/atlas/e2e/{kind}/{layer}.parquet", filesystem=fs,
-                              columns=["layer", "channel", "rank"])
+            t = ds.dataset(f"{base}/atlas/e2e/{kind}/{layer}", filesystem=fs, format="parquet").to_table(
+                columns=["layer", "channel", "rank"])
             found |= set(zip(*(t.column(c).to_pylist() for c in ("layer", "channel", "rank")), strict=True))
         assert found == live, kind  # one image row per live feature row, none for dead channels
 
 
 def assert_one_channel_reads_one_row_group(store, run_id: str, layer: str) -> None:
-    """Serving one channel's images reads that channel's row group of the layer's images table and
-    nothing else of it once the footer is known (besides the channel's rows of the features table):
-    counted bytes, on whichever backend ``store`` is."""
-    key = f"atlas/{run_id}/images/{layer}.parquet"
-    data = store.get_bytes(key)
+    """Serving one channel's images reads that channel's row group of the images table part that
+    holds it and nothing else of it once the footer is known (besides the channel's rows of the
+    features table): counted bytes, on whichever backend ``store`` is."""
+    reader = AtlasReader(store, run_id)
+    first_part = reader.manifest["parts"][layer][0]
+    table = reader.table_key("images", layer, first_part[0])
+    data = store.get_bytes(f"atlas/{run_id}/{table}")
     size = len(data)
     local = pq.ParquetFile(io.BytesIO(data))
     meta = local.metadata
@@ -190,7 +206,6 @@ def assert_one_channel_reads_one_row_group(store, run_id: str, layer: str) -> No
     assert counter.bytes_read < size / 2, (counter.bytes_read, size)
     counter.reset()
     reader.png(layer, far, "projection_grid")  # warm: the last row group's column chunks only
-    table = f"images/{layer}.parquet"
     [image_bytes] = [n for path, n in counter.bytes_by_path.items() if path.endswith(table)]
     assert 0 < image_bytes <= group_bytes + 1024, (counter.bytes_by_path, group_bytes)
     assert image_bytes < size / meta.num_row_groups * 2
@@ -218,6 +233,45 @@ def test_export_writes_the_pngs_the_api_serves(cluster_atlas, tmp_path):
         grid = (tmp_path / "export" / row["projection_grid_key"]).read_bytes()
         assert grid == reader.png("conv2", row["channel"], "projection_grid")
     assert checked == 2 * sum(not r["dead"] for r in exported)
+
+
+def test_a_format_2_atlas_reads_as_before(cluster_atlas, tmp_path):
+    """Format 2 (one images and one projections table per layer, before the parts): the
+    same atlas with each layer's parts joined into one file, row group for row group, reads the
+    same images, projections and export as the format-3 original."""
+    manifest, store, _ = cluster_atlas
+    root = Path(store.uri_of("")).resolve()
+    old = tmp_path / "old"
+    shutil.copytree(root / "atlas" / "e2e", old / "atlas" / "e2e")
+    run = old / "atlas" / "e2e"
+    for layer, ranges in manifest["parts"].items():
+        for kind in ("images", "projections"):
+            parts = [run / part_key(kind, layer, n) for n in range(len(ranges))]
+            schema = pq.ParquetFile(parts[0]).schema_arrow
+            with pq.ParquetWriter(run / kind / f"{layer}.parquet", schema) as w:
+                for path in parts:
+                    f = pq.ParquetFile(path)
+                    for g in range(f.num_row_groups):
+                        w.write_table(f.read_row_group(g))
+            shutil.rmtree(run / kind / layer)
+    old_manifest = {k: v for k, v in manifest.items() if k != "parts"}
+    old_manifest["format"] = 2
+    old_manifest["tables"] = {"features": "features.parquet", **{
+        f"{kind}/{layer}": f"{kind}/{layer}.parquet" for layer in manifest["layers"]
+        for kind in ("images", "projections")}}
+    (run / "manifest.json").write_text(json.dumps(old_manifest))
+    new, former = AtlasReader(store, "e2e"), AtlasReader(open_store(str(old)), "e2e")
+    assert former.format == 2
+    for layer in manifest["layers"]:
+        for channel in (0, manifest["parts"][layer][-1][0]):
+            if new.channel(layer, channel, ["dead"]).column("dead")[0].as_py():
+                continue
+            assert former.png(layer, channel, "projection_grid") == new.png(layer, channel, "projection_grid")
+            assert former.png(layer, channel, "patch", 0) == new.png(layer, channel, "patch", 0)
+            assert former.projections(layer, channel).equals(new.projections(layer, channel))
+    a, b = former.export_layer("conv2", open_store(str(tmp_path / "a"))), new.export_layer(
+        "conv2", open_store(str(tmp_path / "b")))
+    assert a.rows == b.rows and (tmp_path / "a" / "projections" / "conv2" / "part-00000.parquet").is_file()
 
 
 def test_fault_a_killed_worker_changes_nothing(cluster_atlas, trained_small, tmp_path):
@@ -261,7 +315,8 @@ def test_results_land_in_s3_too(ray_cluster, trained_small, s3_bucket, s3_endpoi
     table = pq.read_table(io.BytesIO(store.get_bytes("atlas/s3run/features.parquet")))
     dead = sum(table.column("dead").to_pylist())
     assert table.num_rows == 9 * (32 + 64 - dead) + dead == manifest["features_rows"]
-    assert store.exists("atlas/s3run/images/conv1.parquet")
+    assert store.exists(f"atlas/s3run/{part_key('images', 'conv1', 0)}")
+    assert sum(w["parts_sent"] for w in manifest["workers"]) == 0  # every worker reaches S3 itself
     assert AtlasReader(store, "s3run").png("conv1", 0, "projection_grid").startswith(b"\x89PNG")
     assert_one_channel_reads_one_row_group(store, "s3run", "conv5")
 

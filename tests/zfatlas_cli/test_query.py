@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.results.diff import DIFF_SCHEMA
+from jobs.results.query import AtlasReader
 from jobs.store import open_store
 from tests.fixtures.synthetic_atlas import synthetic_rows, write_atlas
 from zfatlas_cli.main import main
@@ -38,13 +39,15 @@ def test_runs_list_and_atlas_show(real_atlases, capsys):
     assert code == 0
     rows = out.splitlines()[2:-1]
     assert len(rows) == 9 and [r.split()[0] for r in rows] == [str(i) for i in range(9)]
-    images = out.splitlines()[-1]  # a format-2 atlas: its images are rows of a table
-    assert images.startswith(f"images: {real_atlases.store}") and "atlas/after/images/conv5.parquet" in images
+    images = out.splitlines()[-1]  # a format-3 atlas: its images are rows of a table part
+    part = AtlasReader(open_store(real_atlases.store), "after").table_key("images", "conv5", 37)
+    assert part.startswith("images/conv5/part-")
+    assert images.startswith(f"images: {real_atlases.store}") and f"atlas/after/{part}" in images
     code, out, _ = run_cli(capsys, "atlas", "show", "after", "--layer", "conv5", "--channel", "37", "--json",
                            *store)
     first = json.loads(out.splitlines()[0])
     assert first["rank"] == 0 and first["image_id"].startswith("proc-") and first["dead"] is False
-    assert open_store(real_atlases.store).exists("atlas/after/images/conv5.parquet")
+    assert open_store(real_atlases.store).exists(f"atlas/after/{part}")
 
 
 def test_atlas_export_and_diff(real_atlases, capsys, tmp_path):
