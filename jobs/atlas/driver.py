@@ -229,8 +229,7 @@ def _project(
             made.sent_by_actor[actor] = made.sent_by_actor.get(actor, 0) + 1
             if sum(made.sent_by_actor.values()) == 1:
                 log.info("workers on other machines than the local store %s send their parts through "
-                         "the driver (an S3 store, or a folder every machine shares, avoids that)",
-                         run.store.uri_of(""))
+                         "the driver (with an S3 store every worker uploads its own)", run.store.uri_of(""))
         for relkey, data in out["payload"].items():
             run.put_bytes(relkey, data)
             made.files[relkey] = len(data)
