@@ -75,10 +75,14 @@ def test_unknown_things_are_query_errors(store):
 
 def test_uncommitted_runs_are_invisible(store):
     run = begin_run(store, "atlas", "half")
-    run.put_bytes("features.parquet", b"not yet")
-    with pytest.raises(UnknownRunError):
-        AtlasReader(store, "half")
-    assert list_runs(store, "atlas") == []
+    try:
+        run.put_bytes("features.parquet", b"not yet")
+        with pytest.raises(UnknownRunError):
+            AtlasReader(store, "half")
+        assert list_runs(store, "atlas") == []
+    finally:  # uncommitted on purpose: only its lease (and the thread renewing it) ends here
+        if run.lease is not None:
+            run.lease.release()
 
 
 def test_list_runs_filters_by_kind_and_time(tmp_path):

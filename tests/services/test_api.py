@@ -85,8 +85,14 @@ def api(request, tmp_path_factory) -> Iterator[Api]:
     uncommitted.put_png("images/conv1/0000/patch-grid.png", np.zeros((4, 4, 3), np.uint8))
     settings = Settings(store=uri, endpoint_url=endpoint, token=TOKEN, max_page_size=MAX_PAGE,
                         default_page_size=20, max_request_bytes=MAX_BODY)
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
-        yield Api(client, store, url, request.param, other, {"a": rows_a, "b": rows_b})
+    try:
+        with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
+            yield Api(client, store, url, request.param, other, {"a": rows_a, "b": rows_b})
+    finally:
+        # The half-written run stays uncommitted; its lease (and the thread renewing it) ends here,
+        # not at exit, when the store it renews in is gone.
+        if uncommitted.lease is not None:
+            uncommitted.lease.release()
 
 
 # Atlas "a", conv5: channel 1's labels are known exactly (two unknown), channel 3 never fired,
