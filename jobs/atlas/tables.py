@@ -21,6 +21,17 @@ FORMAT = 3
 #: layout depends on the spec alone, not on how many workers ran it.
 GROUPS_PER_PART = 16
 
+#: An activation's position in its layer's map and its receptive box in input pixels, as every
+#: table of top activations records them (the atlas's features, training's feature evolution).
+POSITION_FIELDS = [
+    pa.field("y", pa.int32(), nullable=False),
+    pa.field("x", pa.int32(), nullable=False),
+    pa.field("box_top", pa.int32(), nullable=False),
+    pa.field("box_left", pa.int32(), nullable=False),
+    pa.field("box_height", pa.int32(), nullable=False),
+    pa.field("box_width", pa.int32(), nullable=False),
+]
+
 # One row per (layer, channel, rank): the winner, where it is in its map and its receptive box.
 _FEATURE_FIELDS = [
     pa.field("layer", pa.string(), nullable=False),
@@ -30,12 +41,7 @@ _FEATURE_FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("image_index", pa.int64(), nullable=False),
     pa.field("label", pa.int32(), nullable=False),
-    pa.field("y", pa.int32(), nullable=False),
-    pa.field("x", pa.int32(), nullable=False),
-    pa.field("box_top", pa.int32(), nullable=False),
-    pa.field("box_left", pa.int32(), nullable=False),
-    pa.field("box_height", pa.int32(), nullable=False),
-    pa.field("box_width", pa.int32(), nullable=False),
+    *POSITION_FIELDS,
 ]
 
 FEATURES_SCHEMA = pa.schema(

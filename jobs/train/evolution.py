@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from jobs.atlas.tables import POSITION_FIELDS
 from jobs.rendering.images import display, enlarge_together, grid
 from jobs.store import RunWriter
 from zfcore.deconv import deconvolve
@@ -39,12 +40,7 @@ EVOLUTION_SCHEMA = pa.schema(
         pa.field("image_index", pa.int64(), nullable=False),
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("activation", pa.float32(), nullable=False),
-        pa.field("y", pa.int32(), nullable=False),
-        pa.field("x", pa.int32(), nullable=False),
-        pa.field("box_top", pa.int32(), nullable=False),
-        pa.field("box_left", pa.int32(), nullable=False),
-        pa.field("box_height", pa.int32(), nullable=False),
-        pa.field("box_width", pa.int32(), nullable=False),
+        *POSITION_FIELDS,
         pa.field("projection_key", pa.string(), nullable=False),
     ]
 )
